@@ -1,1 +1,188 @@
-//! (empty until implemented)
+//! The node daemon, `portslice daemon ...` (a DaemonSet in a cluster).
+//!
+//! Start-up, in order: load + pin + attach the eBPF datapath (reusing pins left by a previous
+//! run, so traffic never stops across restarts and upgrades), reserve the pool in
+//! `net.ipv4.ip_local_reserved_ports` (merged with what is there), warn about host listeners in
+//! the pool, install the binary into the CNI bin dir and append itself to the node's conflist,
+//! write the kubeconfig the CNI plugin uses. Then: serve `/metrics` and `/healthz`, and reconcile
+//! the pinned pod state every `--reconcile-interval` seconds. Exiting detaches nothing;
+//! `--uninstall` undoes all of it.
+//!
+//! Pure parts live in [`conflist`], [`ports`], [`reconcile`] and [`kubeconfig`]; this file and
+//! [`install`] are the thin I/O around them.
+pub mod conflist;
+pub mod install;
+pub mod kubeconfig;
+pub mod metrics;
+pub mod ports;
+pub mod reconcile;
+
+use std::{net::Ipv4Addr, net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+
+use crate::datapath::{self, DEFAULT_PIN_ROOT, PinnedDatapath, loader};
+
+/// Arguments of `portslice daemon`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// The node's uplink interface (where the node address lives).
+    #[arg(long, env = "PORTSLICE_UPLINK")]
+    pub uplink: String,
+    /// The node address shared with slice pods.
+    #[arg(long, env = "PORTSLICE_NODE_IP")]
+    pub node_ip: Ipv4Addr,
+    /// Port pool of the cluster, e.g. `40000-59999` or `40000-44999,50000-54999`.
+    #[arg(long, env = "PORTSLICE_POOL", default_value = "40000-59999")]
+    pub pool: String,
+    /// bpffs directory for maps, programs and links.
+    #[arg(long, env = "PORTSLICE_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
+    pub pin_root: PathBuf,
+    /// Where the runtime finds CNI plugins.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// Where the node's CNI conflist lives.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// Do not touch the CNI bin/conf dirs (the datapath only).
+    #[arg(long)]
+    pub no_cni_install: bool,
+    /// Address of the /metrics and /healthz server.
+    #[arg(long, default_value = "0.0.0.0:9465")]
+    pub metrics_addr: SocketAddr,
+    /// Write a kubeconfig for the CNI plugin here (from the in-cluster service account).
+    #[arg(long)]
+    pub kubeconfig_out: Option<PathBuf>,
+    /// Seconds between reconciles of the pinned pod state.
+    #[arg(long, default_value_t = 10)]
+    pub reconcile_interval: u64,
+    /// JSON array of the live container ids; attachments not listed are removed on reconcile.
+    /// Without it, an attachment is stale when its host veth is gone.
+    #[arg(long)]
+    pub live_containers_file: Option<PathBuf>,
+    /// Undo everything a previous run did (conflist entry, binary, pins, links, sysctl) and exit.
+    #[arg(long)]
+    pub uninstall: bool,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (or, with `--uninstall`, uninstalls and returns).
+pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    let pool = ports::parse_pool(&args.pool)?;
+    if args.uninstall {
+        return uninstall(&args, &pool);
+    }
+    let setup = loader::NodeSetup {
+        pin_root: args.pin_root.clone(),
+        node_ip: args.node_ip,
+        uplink: args.uplink.clone(),
+        attach_lo: true,
+    };
+    loader::load_and_pin(&setup).context("bringing up the eBPF datapath")?;
+    install::reserve_pool(&pool).context("reserving the pool for slices")?;
+    for (proto, port) in install::host_listeners_in_pool(&pool) {
+        tracing::warn!(
+            proto,
+            port,
+            "a host process listens on a pool port: a slice owning it will take its traffic from the node address"
+        );
+    }
+    if !args.no_cni_install {
+        install::install_cni(&args).context("installing the CNI plugin")?;
+    }
+    if let Some(out) = &args.kubeconfig_out {
+        match kubeconfig::in_cluster() {
+            Some(kc) => install::write_atomic(out, kc.as_bytes(), 0o600)
+                .with_context(|| format!("writing {}", out.display()))?,
+            None => {
+                tracing::warn!(path = %out.display(), "not in a cluster: no kubeconfig written")
+            }
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics server to {}", args.metrics_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
+    let server = axum::serve(listener, metrics::router(args.pin_root.clone()));
+
+    let reconciler = reconcile_loop(args.clone());
+    tokio::select! {
+        r = server => r.context("metrics server")?,
+        r = reconciler => r?,
+        _ = shutdown_signal() => tracing::info!("shutting down; datapath stays attached"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+}
+
+async fn reconcile_loop(args: DaemonArgs) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(args.reconcile_interval.max(1)));
+    loop {
+        tick.tick().await;
+        let a = args.clone();
+        // Map syscalls and /proc reads are blocking: keep them off the async workers.
+        let r = tokio::task::spawn_blocking(move || reconcile_once(&a)).await?;
+        if let Err(e) = r {
+            tracing::warn!(error = %format!("{e:#}"), "reconcile failed");
+        }
+    }
+}
+
+/// One reconcile pass: removes attachments that no longer belong to a live pod.
+pub fn reconcile_once(args: &DaemonArgs) -> anyhow::Result<Vec<String>> {
+    let mut dp = PinnedDatapath::open(&args.pin_root)?;
+    let live = match &args.live_containers_file {
+        Some(p) => Some(
+            serde_json::from_slice::<Vec<String>>(
+                &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("parsing {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let pods = dp.list_pods()?;
+    let stale = reconcile::stale(&pods, live.as_deref(), |i| datapath::ifname_of(i).is_ok());
+    for id in &stale {
+        let ifindex = pods
+            .iter()
+            .find(|p| &p.container_id == id)
+            .map(|p| p.host_veth_ifindex);
+        dp.detach_pod(id, ifindex)?;
+        tracing::info!(container_id = %id, "removed stale attachment");
+    }
+    Ok(stale)
+}
+
+fn uninstall(args: &DaemonArgs, pool: &[portslice_crds::PortRange]) -> anyhow::Result<()> {
+    let mut errors = Vec::new();
+    if !args.no_cni_install
+        && let Err(e) = install::uninstall_cni(args)
+    {
+        errors.push(format!("CNI install: {e:#}"));
+    }
+    if let Err(e) = loader::unload(&args.pin_root, &args.uplink) {
+        errors.push(format!("datapath: {e}"));
+    }
+    if let Err(e) = install::unreserve_pool(pool) {
+        errors.push(format!("reserved ports: {e:#}"));
+    }
+    if let Some(out) = &args.kubeconfig_out {
+        let _ = std::fs::remove_file(out);
+    }
+    if errors.is_empty() {
+        tracing::info!("uninstalled");
+        Ok(())
+    } else {
+        anyhow::bail!("uninstall finished with errors: {}", errors.join("; "))
+    }
+}

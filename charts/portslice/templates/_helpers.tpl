@@ -1,0 +1,91 @@
+{{/* Name of the release's objects: "<release>" when it already contains "portslice". */}}
+{{- define "portslice.fullname" -}}
+{{- if contains "portslice" .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-portslice" .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "portslice.labels" -}}
+app.kubernetes.io/name: portslice
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "portslice.selector" -}}
+app.kubernetes.io/name: portslice
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "portslice.operatorImage" -}}
+{{ .Values.image.operator.repository }}:{{ .Values.image.operator.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "portslice.nodeImage" -}}
+{{ .Values.image.node.repository }}:{{ .Values.image.node.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* The pool as one comma-separated flag value, validated against the NodePort range. */}}
+{{- define "portslice.pool" -}}
+{{- if not .Values.pools -}}{{- fail "pools: at least one port range is required" -}}{{- end -}}
+{{- range .Values.pools -}}
+{{- $parts := splitList "-" (toString .) -}}
+{{- $start := int (first $parts) -}}
+{{- $end := int (last $parts) -}}
+{{- if or (lt $start 1) (gt $end 65535) (gt $start $end) -}}
+{{- fail (printf "pools: %q is not a range START-END within 1-65535" .) -}}
+{{- end -}}
+{{- if and (le $start 32767) (ge $end 30000) -}}
+{{- fail (printf "pools: %q overlaps the NodePort range 30000-32767" .) -}}
+{{- end -}}
+{{- end -}}
+{{- join "," .Values.pools -}}
+{{- end -}}
+
+{{/* Environment shared by the node daemon and its uninstall Job. */}}
+{{- define "portslice.nodeEnv" -}}
+- name: PORTSLICE_LOG
+  value: {{ .Values.logLevel | quote }}
+- name: PORTSLICE_UPLINK
+  value: {{ required "node.uplink is required" .Values.node.uplink | quote }}
+- name: PORTSLICE_NODE_IP
+{{- if eq .Values.node.ipDetection "hostIP" }}
+  valueFrom:
+    fieldRef: {fieldPath: status.hostIP}
+{{- else if eq .Values.node.ipDetection "fixed" }}
+  value: {{ required "node.ip is required when node.ipDetection is fixed" .Values.node.ip | quote }}
+{{- else }}
+{{- fail "node.ipDetection must be hostIP or fixed" }}
+{{- end }}
+- name: PORTSLICE_POOL
+  value: {{ include "portslice.pool" . | quote }}
+- name: PORTSLICE_PIN_ROOT
+  value: {{ .Values.node.pinRoot | quote }}
+{{- end -}}
+
+{{/* Flags shared by the node daemon and its uninstall Job. The CNI dirs are mounted at their
+host paths, so paths the daemon writes into the conflist (kubeconfig) are valid on the host. */}}
+{{- define "portslice.nodeDirArgs" -}}
+- --cni-bin-dir={{ .Values.node.cniBinDir }}
+- --cni-conf-dir={{ .Values.node.cniConfDir }}
+- --kubeconfig-out={{ .Values.node.cniConfDir }}/portslice.kubeconfig
+{{- end -}}
+
+{{/* Host mounts shared by the node daemon and its uninstall Job. */}}
+{{- define "portslice.nodeMounts" -}}
+- {name: bpffs, mountPath: /sys/fs/bpf, mountPropagation: Bidirectional}
+- {name: cni-bin, mountPath: {{ .Values.node.cniBinDir }}}
+- {name: cni-conf, mountPath: {{ .Values.node.cniConfDir }}}
+{{- end -}}
+
+{{- define "portslice.nodeVolumes" -}}
+- name: bpffs
+  hostPath: {path: /sys/fs/bpf, type: DirectoryOrCreate}
+- name: cni-bin
+  hostPath: {path: {{ .Values.node.cniBinDir }}, type: DirectoryOrCreate}
+- name: cni-conf
+  hostPath: {path: {{ .Values.node.cniConfDir }}, type: DirectoryOrCreate}
+{{- end -}}

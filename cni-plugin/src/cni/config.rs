@@ -1,0 +1,313 @@
+//! The network configuration on stdin: the spec's fields plus PortSlice's own. Pure parsing and
+//! validation; nothing here touches the system.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use portslice_crds::PortRange;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::{CniError, code};
+use super::ip::Ipv4Cidr;
+use super::result::CniResult;
+use super::version::Version;
+
+/// Where the daemon pins the datapath when the config does not say.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/portslice";
+/// How long ADD waits for the API server when the config does not say.
+pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(5);
+/// The capability containerd fills with the pod's annotations.
+pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
+
+/// PortSlice's entry in a conflist, as written by the node daemon (or by hand for runtimes without
+/// Kubernetes). Every field but `type` and `nodeIP` is optional:
+///
+/// ```json
+/// { "type": "portslice",
+///   "nodeIP": "192.0.2.10",
+///   "clusterCIDRs": ["10.244.0.0/16", "10.96.0.0/12"],
+///   "pinRoot": "/sys/fs/bpf/portslice",
+///   "kubeconfig": "/etc/cni/net.d/portslice-kubeconfig",
+///   "apiTimeoutMs": 5000,
+///   "slices": { "media": "40000-40999", "team-a/sip": "5060-5061" },
+///   "capabilities": { "io.kubernetes.cri.pod-annotations": true } }
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawConfig {
+    cni_version: Option<String>,
+    name: Option<String>,
+    #[serde(rename = "type")]
+    type_: Option<String>,
+    prev_result: Option<Value>,
+    #[serde(default)]
+    runtime_config: BTreeMap<String, Value>,
+    /// GC (1.1.0); libcni also sends the older spelling `cni.dev/attachments`.
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<Attachment>>,
+    #[serde(rename = "cni.dev/attachments")]
+    attachments: Option<Vec<Attachment>>,
+    #[serde(rename = "nodeIP")]
+    node_ip: Option<String>,
+    #[serde(rename = "clusterCIDRs", default)]
+    cluster_cidrs: Vec<String>,
+    pin_root: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    api_timeout_ms: Option<u64>,
+    #[serde(default)]
+    slices: BTreeMap<String, String>,
+}
+
+/// One attachment in GC's valid list.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    #[serde(default)]
+    pub ifname: String,
+}
+
+/// The validated plugin configuration.
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    /// The spec version of this invocation; every reply is written in it.
+    pub version: Version,
+    /// Network name (from the conflist).
+    pub name: String,
+    /// `nodeIP`: the node's shared IPv4 address. It goes onto slice pods' interfaces as /32 and
+    /// is the address the eBPF programs steer by port.
+    pub node_ip: Ipv4Addr,
+    /// `clusterCIDRs`: pod and service CIDRs reached from the pod's *private* address
+    /// (routes with `src <private IP>`), so in-cluster traffic keeps using it. Everything else
+    /// leaves from the node address.
+    pub cluster_cidrs: Vec<Ipv4Cidr>,
+    /// `pinRoot`: where the node daemon pinned the eBPF programs and maps
+    /// (default `/sys/fs/bpf/portslice`).
+    pub pin_root: PathBuf,
+    /// `kubeconfig`: credentials for reading Pods and PortSlices (the daemon writes one at
+    /// install). Without it, only static slices (`slices`, `PORTSLICE_RANGE`) are possible.
+    pub kubeconfig: Option<PathBuf>,
+    /// `apiTimeoutMs`: bound on all API server calls of one ADD (default 5000). When it runs out,
+    /// ADD fails with code 11 (try again later) and the runtime retries.
+    pub api_timeout: Duration,
+    /// `slices`: static slices for runtimes without Kubernetes, `name` or `namespace/name` to a
+    /// range (`"40000-40999"`). A pod picks one with CNI_ARGS `PORTSLICE_SLICE=name`.
+    pub slices: BTreeMap<String, PortRange>,
+    /// `prevResult` (required for ADD and CHECK of a chained plugin).
+    pub prev_result: Option<CniResult>,
+    /// Pod annotations from `runtimeConfig["io.kubernetes.cri.pod-annotations"]`; `None` when
+    /// the runtime did not pass the capability (then the Pod is read from the API server).
+    pub pod_annotations: Option<BTreeMap<String, String>>,
+    /// GC's valid attachments.
+    pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// Reads only `cniVersion`, for VERSION and for answering errors in the caller's version.
+pub fn peek_version(stdin: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(stdin).ok()?;
+    v.get("cniVersion")?.as_str().map(str::to_string)
+}
+
+impl PluginConfig {
+    pub fn parse(stdin: &str) -> Result<Self, CniError> {
+        let value: Value = serde_json::from_str(stdin).map_err(|e| {
+            CniError::new(
+                code::DECODE_FAILURE,
+                "network configuration on stdin is not valid JSON",
+            )
+            .with_details(e.to_string())
+        })?;
+        let raw: RawConfig =
+            serde_json::from_value(value).map_err(|e| invalid("a field has the wrong type", e))?;
+        let version = match raw.cni_version.as_deref() {
+            Some(v) => Version::parse(v)?,
+            None => return Err(invalid_msg("cniVersion is missing")),
+        };
+        let version_err = |e: CniError| e.in_version(version.as_str());
+        Self::validate(raw, version).map_err(version_err)
+    }
+
+    fn validate(raw: RawConfig, version: Version) -> Result<Self, CniError> {
+        if raw.type_.as_deref().is_none_or(str::is_empty) {
+            return Err(invalid_msg("type is missing"));
+        }
+        let name = raw.name.unwrap_or_default();
+        let node_ip = match raw.node_ip.as_deref() {
+            Some(ip) => ip
+                .parse::<Ipv4Addr>()
+                .map_err(|e| invalid(&format!("nodeIP {ip:?} is not an IPv4 address"), e))?,
+            None => {
+                return Err(invalid_msg(
+                    "nodeIP is missing: set the node's shared IPv4 address",
+                ));
+            }
+        };
+        if node_ip.is_unspecified() || node_ip.is_loopback() || node_ip.is_multicast() {
+            return Err(invalid_msg(&format!(
+                "nodeIP {node_ip} cannot be shared with pods"
+            )));
+        }
+        let cluster_cidrs = raw
+            .cluster_cidrs
+            .iter()
+            .map(|c| {
+                c.parse::<Ipv4Cidr>()
+                    .map_err(|e| invalid("clusterCIDRs has a bad entry", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let slices = raw
+            .slices
+            .iter()
+            .map(|(name, range)| {
+                let r = range
+                    .parse::<PortRange>()
+                    .map_err(|e| invalid(&format!("slices[{name:?}] is not a port range"), e))?;
+                Ok((name.clone(), r))
+            })
+            .collect::<Result<BTreeMap<_, _>, CniError>>()?;
+        let api_timeout = match raw.api_timeout_ms {
+            Some(0) => return Err(invalid_msg("apiTimeoutMs must be above 0")),
+            Some(ms) => Duration::from_millis(ms),
+            None => DEFAULT_API_TIMEOUT,
+        };
+        let prev_result = raw.prev_result.map(CniResult::from_value).transpose()?;
+        let pod_annotations = match raw.runtime_config.get(POD_ANNOTATIONS_CAPABILITY) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
+                invalid(
+                    &format!("runtimeConfig[{POD_ANNOTATIONS_CAPABILITY:?}] is not a string map"),
+                    e,
+                )
+            })?),
+        };
+        Ok(Self {
+            version,
+            name,
+            node_ip,
+            cluster_cidrs,
+            pin_root: raw
+                .pin_root
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_ROOT)),
+            kubeconfig: raw.kubeconfig,
+            api_timeout,
+            slices,
+            prev_result,
+            pod_annotations,
+            valid_attachments: raw.valid_attachments.or(raw.attachments),
+        })
+    }
+}
+
+fn invalid(msg: &str, source: impl std::fmt::Display) -> CniError {
+    CniError::new(code::INVALID_NETWORK_CONFIG, msg).with_details(source.to_string())
+}
+
+fn invalid_msg(msg: &str) -> CniError {
+    CniError::new(code::INVALID_NETWORK_CONFIG, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<PluginConfig, CniError> {
+        PluginConfig::parse(&v.to_string())
+    }
+
+    fn base() -> Value {
+        json!({"cniVersion": "1.0.0", "name": "net", "type": "portslice", "nodeIP": "192.0.2.10"})
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(base()).unwrap();
+        assert_eq!(c.version, Version::V100);
+        assert_eq!(c.pin_root, PathBuf::from(DEFAULT_PIN_ROOT));
+        assert_eq!(c.api_timeout, DEFAULT_API_TIMEOUT);
+        assert!(c.prev_result.is_none() && c.pod_annotations.is_none());
+    }
+
+    #[test]
+    fn full_config_is_read() {
+        let mut v = base();
+        v["clusterCIDRs"] = json!(["10.244.0.0/16", "10.96.0.0/12"]);
+        v["pinRoot"] = json!("/sys/fs/bpf/x");
+        v["apiTimeoutMs"] = json!(250);
+        v["slices"] = json!({"media": "40000-40999"});
+        v["runtimeConfig"] = json!({POD_ANNOTATIONS_CAPABILITY: {"portslice.io/slice": "media"}});
+        v["cni.dev/attachments"] = json!([{"containerID": "a", "ifname": "eth0"}]);
+        let c = parse(v).unwrap();
+        assert_eq!(c.cluster_cidrs.len(), 2);
+        assert_eq!(c.api_timeout, Duration::from_millis(250));
+        assert_eq!(
+            c.slices["media"],
+            PortRange {
+                start: 40000,
+                end: 40999
+            }
+        );
+        assert_eq!(c.pod_annotations.unwrap()["portslice.io/slice"], "media");
+        assert_eq!(c.valid_attachments.unwrap()[0].container_id, "a");
+    }
+
+    #[test]
+    fn malformed_json_is_a_decode_failure() {
+        for bad in ["", "{", "not json", "{\"cniVersion\": }"] {
+            assert_eq!(
+                PluginConfig::parse(bad).unwrap_err().code,
+                code::DECODE_FAILURE,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unsupported_or_missing_version() {
+        let mut v = base();
+        v["cniVersion"] = json!("0.3.1");
+        assert_eq!(parse(v).unwrap_err().code, code::INCOMPATIBLE_VERSION);
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("cniVersion");
+        assert_eq!(parse(v).unwrap_err().code, code::INVALID_NETWORK_CONFIG);
+    }
+
+    #[test]
+    fn bad_fields_are_invalid_network_config_in_the_callers_version() {
+        let cases: Vec<(&str, Value)> = vec![
+            ("nodeIP", json!("not-an-ip")),
+            ("nodeIP", json!("127.0.0.1")),
+            ("nodeIP", json!(42)),
+            ("clusterCIDRs", json!(["10.0.0.0"])),
+            ("slices", json!({"x": "9-1"})),
+            ("apiTimeoutMs", json!(0)),
+            ("prevResult", json!({"ips": "nope"})),
+            ("runtimeConfig", json!({POD_ANNOTATIONS_CAPABILITY: ["x"]})),
+            ("type", json!("")),
+        ];
+        for (field, value) in cases {
+            let mut v = base();
+            v[field] = value.clone();
+            let err = parse(v).unwrap_err();
+            assert_eq!(err.code, code::INVALID_NETWORK_CONFIG, "{field}={value}");
+        }
+        let mut v = base();
+        v["nodeIP"] = json!("x");
+        assert_eq!(parse(v).unwrap_err().cni_version, "1.0.0");
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("nodeIP");
+        assert!(parse(v).unwrap_err().msg.contains("nodeIP"));
+    }
+
+    #[test]
+    fn peek_version_reads_only_the_version() {
+        assert_eq!(
+            peek_version(r#"{"cniVersion":"0.4.0"}"#).as_deref(),
+            Some("0.4.0")
+        );
+        assert_eq!(peek_version("garbage"), None);
+    }
+}

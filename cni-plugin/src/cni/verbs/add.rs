@@ -1,0 +1,159 @@
+//! ADD: wire a slice pod (node address, routes, rules, sysctls, datapath) and print the previous
+//! result with the node address added; pass other pods through with only the datapath entry that
+//! lets them reach slice pods on the node address (matrix row 4).
+
+use std::path::PathBuf;
+
+use super::slice::find_slice;
+use super::{datapath_err, netns_err, not_loaded, open_datapath};
+use crate::cni::config::PluginConfig;
+use crate::cni::env::CniEnv;
+use crate::cni::error::{CniError, code};
+use crate::cni::result::PodAddress;
+use crate::datapath::{PinnedDatapath, PodAttachment, SliceBinding};
+use crate::netns::plan::PodWiring;
+use crate::netns::{thread::in_netns, wiring};
+use crate::slice_source::Slice;
+
+pub fn add(env: &CniEnv, conf: &PluginConfig) -> Result<String, CniError> {
+    let prev = conf.prev_result.clone().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_NETWORK_CONFIG,
+            "ADD needs prevResult: portslice is a chained plugin",
+        )
+        .with_details("put it after the primary plugin (ptp, bridge, ...) in a conflist")
+    })?;
+    let pod = prev.pod_address(&env.ifname)?;
+    let slice = find_slice(env, conf)?;
+    match slice {
+        None => {
+            add_plain_pod(env, conf, &pod)?;
+            Ok(prev.into_version(conf.version).to_json()?)
+        }
+        Some(slice) => {
+            add_slice_pod(env, conf, &pod, &slice)?;
+            Ok(prev
+                .with_node_address(conf.version, &pod, conf.node_ip)
+                .to_json()?)
+        }
+    }
+}
+
+/// A pod without a slice: its traffic passes untouched; the datapath only learns its host veth
+/// so it can reach slice pods on the node address. Without a datapath there is nothing to do.
+fn add_plain_pod(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress) -> Result<(), CniError> {
+    let Some(mut dp) = open_datapath(&conf.pin_root)? else {
+        tracing::warn!(pin_root = %conf.pin_root.display(), "datapath not loaded; pod passes through");
+        return Ok(());
+    };
+    let host_ifindex = host_veth(env)?;
+    let attachment = PodAttachment {
+        container_id: env.container_id.clone(),
+        host_veth_ifindex: host_ifindex,
+        pod_private_ip: pod.private.addr,
+        slice: None,
+    };
+    dp.attach_pod(&attachment)
+        .map_err(|e| datapath_err("attaching the pod to the datapath failed", e))
+}
+
+fn host_veth(env: &CniEnv) -> Result<u32, CniError> {
+    let ifname = env.ifname.clone();
+    let link = in_netns(&PathBuf::from(&env.netns), move || {
+        wiring::pod_link(&ifname)
+    })
+    .map_err(|e| netns_err("reading the pod interface failed", e))?;
+    link.peer_ifindex.ok_or_else(|| {
+        CniError::new(
+            code::PREV_RESULT,
+            format!("{} in the pod is not a veth", env.ifname),
+        )
+        .with_details("portslice needs the primary plugin to connect pods with veth pairs")
+    })
+}
+
+pub fn wiring_for(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress, slice: &Slice) -> PodWiring {
+    PodWiring {
+        ifname: env.ifname.clone(),
+        node_ip: conf.node_ip,
+        private: pod.private,
+        gateway: pod.gateway,
+        cluster_cidrs: conf.cluster_cidrs.clone(),
+        range: slice.range,
+    }
+}
+
+/// Steps in order, each undone (in reverse) when a later one fails.
+fn add_slice_pod(
+    env: &CniEnv,
+    conf: &PluginConfig,
+    pod: &PodAddress,
+    slice: &Slice,
+) -> Result<(), CniError> {
+    let mut dp = PinnedDatapath::open(&conf.pin_root).map_err(|_| not_loaded(&conf.pin_root))?;
+    refuse_second_sliver(&dp, env, slice)?;
+
+    let w = wiring_for(env, conf, pod, slice);
+    let netns = PathBuf::from(&env.netns);
+    let w2 = w.clone();
+    let link = in_netns(&netns, move || wiring::apply(&w2))
+        .map_err(|e| netns_err("wiring the pod's network namespace failed", e))?;
+    let undo_netns = || {
+        let (ifname, node_ip) = (w.ifname.clone(), w.node_ip);
+        if let Err(e) = in_netns(&netns, move || wiring::teardown(&ifname, node_ip)) {
+            tracing::error!(error = %e, "undoing the pod's netns wiring failed");
+        }
+    };
+    let Some(host_ifindex) = link.peer_ifindex else {
+        undo_netns();
+        return Err(CniError::new(
+            code::PREV_RESULT,
+            format!("{} in the pod is not a veth", env.ifname),
+        ));
+    };
+    let attachment = PodAttachment {
+        container_id: env.container_id.clone(),
+        host_veth_ifindex: host_ifindex,
+        pod_private_ip: pod.private.addr,
+        slice: Some(SliceBinding {
+            slice_key: slice.name.clone(),
+            range: slice.range,
+            protocols: slice.protocols.clone(),
+        }),
+    };
+    if let Err(e) = dp.attach_pod(&attachment) {
+        // attach_pod undoes its own partial work; ours is the netns.
+        undo_netns();
+        return Err(datapath_err(
+            &format!("attaching slice {} to the datapath failed", slice.name),
+            e,
+        ));
+    }
+    tracing::info!(slice = %slice.name, range = %slice.range, host_ifindex, "slice pod wired");
+    Ok(())
+}
+
+/// One sliver per slice per node: the same range may not belong to two pods here.
+fn refuse_second_sliver(dp: &PinnedDatapath, env: &CniEnv, slice: &Slice) -> Result<(), CniError> {
+    let pods = dp
+        .list_pods()
+        .map_err(|e| datapath_err("listing the pods in the datapath failed", e))?;
+    let clash = pods.iter().find(|p| {
+        p.container_id != env.container_id
+            && p.slice
+                .as_ref()
+                .is_some_and(|s| s.slice_key == slice.name || s.range.overlaps(&slice.range))
+    });
+    match clash {
+        None => Ok(()),
+        Some(other) => Err(CniError::new(
+            code::SLIVER_EXISTS,
+            format!("slice {} already has a pod on this node", slice.name),
+        )
+        .with_details(format!(
+            "container {} holds ports {}; a slice has at most one pod per node (schedule the pods apart, e.g. with pod anti-affinity)",
+            other.container_id,
+            other.slice.as_ref().map(|s| s.range.to_string()).unwrap_or_default()
+        ))),
+    }
+}

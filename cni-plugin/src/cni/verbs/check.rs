@@ -1,0 +1,72 @@
+//! CHECK: the wiring is really in place — the address, routes, rules and sysctls inside the pod
+//! and the datapath entry for its host veth.
+
+use std::path::PathBuf;
+
+use super::add::wiring_for;
+use super::slice::find_slice;
+use super::{datapath_err, netns_err, not_loaded};
+use crate::cni::config::PluginConfig;
+use crate::cni::env::CniEnv;
+use crate::cni::error::{CniError, code};
+use crate::datapath::PinnedDatapath;
+use crate::netns::{NetnsError, thread::in_netns, wiring};
+use crate::slice_source::Slice;
+
+pub fn check(env: &CniEnv, conf: &PluginConfig) -> Result<(), CniError> {
+    let prev = conf
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| CniError::new(code::INVALID_NETWORK_CONFIG, "CHECK needs prevResult"))?;
+    let pod = prev.pod_address(&env.ifname)?;
+    let dp = PinnedDatapath::open(&conf.pin_root).ok();
+    // What we attached is recorded in the datapath; the API server is asked only when the
+    // record is missing, to tell a plain pod from a slice pod whose entry vanished.
+    let recorded = match &dp {
+        Some(dp) => dp
+            .list_pods()
+            .map_err(|e| datapath_err("listing the pods in the datapath failed", e))?
+            .into_iter()
+            .find(|p| p.container_id == env.container_id),
+        None => None,
+    };
+    let slice = match &recorded {
+        Some(a) => a.slice.as_ref().map(|s| Slice {
+            name: s.slice_key.clone(),
+            range: s.range,
+            protocols: s.protocols.clone(),
+        }),
+        None => find_slice(env, conf)?,
+    };
+    let Some(slice) = slice else {
+        return Ok(());
+    };
+    let (Some(dp), Some(attachment)) = (dp, recorded) else {
+        return Err(match PinnedDatapath::open(&conf.pin_root) {
+            Err(_) => not_loaded(&conf.pin_root),
+            Ok(_) => CniError::new(
+                code::CHECK_FAILED,
+                format!("slice {} has no datapath entry for this pod", slice.name),
+            ),
+        });
+    };
+    let w = wiring_for(env, conf, &pod, &slice);
+    let link =
+        in_netns(&PathBuf::from(&env.netns), move || wiring::check(&w)).map_err(|e| match e {
+            NetnsError::Check(_) => {
+                CniError::new(code::CHECK_FAILED, "the pod's wiring is not in place")
+                    .with_details(e.to_string())
+            }
+            other => netns_err("checking the pod's network namespace failed", other),
+        })?;
+    if link.peer_ifindex != Some(attachment.host_veth_ifindex) {
+        return Err(CniError::new(
+            code::CHECK_FAILED,
+            "the datapath entry points at another host interface",
+        ));
+    }
+    dp.check_pod(&attachment).map_err(|e| {
+        CniError::new(code::CHECK_FAILED, "the datapath entry is not in place")
+            .with_details(e.to_string())
+    })
+}

@@ -1,0 +1,77 @@
+//! The verbs: ADD, DEL, CHECK, VERSION, STATUS, GC. Each returns what goes to stdout (or
+//! nothing) or a [`CniError`] that `main` prints as the spec's error result.
+
+mod add;
+mod check;
+mod del;
+mod gc_status;
+mod slice;
+
+use std::path::Path;
+
+use super::config::{PluginConfig, peek_version};
+use super::env::{CniEnv, Command};
+use super::error::{CniError, code};
+use super::version::version_reply;
+use crate::datapath::{DatapathError, PinnedDatapath};
+
+/// Runs one invocation. `Ok(Some(json))` is printed on stdout, `Ok(None)` prints nothing.
+pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
+    if env.command == Command::Version {
+        return Ok(Some(
+            version_reply(peek_version(stdin).as_deref()).to_string(),
+        ));
+    }
+    let conf = PluginConfig::parse(stdin)?;
+    let version = conf.version.as_str();
+    let span = tracing::info_span!("cni", command = ?env.command, container_id = %env.container_id);
+    let _enter = span.enter();
+    let out = match env.command {
+        Command::Add => add::add(env, &conf).map(Some),
+        Command::Del => del::del(env, &conf).map(|()| None),
+        Command::Check => check::check(env, &conf).map(|()| None),
+        Command::Gc => gc_status::gc(&conf).map(|()| None),
+        Command::Status => gc_status::status(&conf).map(|()| None),
+        Command::Version => unreachable_version(),
+    };
+    out.map_err(|e| e.in_version(version))
+}
+
+fn unreachable_version() -> Result<Option<String>, CniError> {
+    Err(CniError::new(
+        code::INVALID_ENV,
+        "VERSION is answered before the config is read",
+    ))
+}
+
+/// Opens the datapath the daemon pinned; `Ok(None)` when it is not loaded.
+fn open_datapath(pin_root: &Path) -> Result<Option<PinnedDatapath>, CniError> {
+    match PinnedDatapath::open(pin_root) {
+        Ok(dp) => Ok(Some(dp)),
+        Err(DatapathError::NotLoaded { .. }) => Ok(None),
+        Err(e) => Err(datapath_err("opening the PortSlice datapath failed", e)),
+    }
+}
+
+fn datapath_err(msg: &str, e: DatapathError) -> CniError {
+    let code = match e {
+        DatapathError::PortTaken { .. } => code::SLIVER_EXISTS,
+        _ => code::DATAPATH,
+    };
+    CniError::new(code, msg).with_details(e.to_string())
+}
+
+fn not_loaded(pin_root: &Path) -> CniError {
+    CniError::new(
+        code::DATAPATH,
+        "the PortSlice datapath is not loaded on this node",
+    )
+    .with_details(format!(
+        "nothing is pinned at {}: is the portslice node daemon running?",
+        pin_root.display()
+    ))
+}
+
+fn netns_err(msg: &str, e: crate::netns::NetnsError) -> CniError {
+    CniError::new(code::NETNS_SETUP, msg).with_details(e.to_string())
+}

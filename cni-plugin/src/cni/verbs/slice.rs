@@ -1,0 +1,39 @@
+//! Finding the pod's slice for ADD and CHECK: the pure plan, then the API server when needed.
+
+use crate::cni::config::PluginConfig;
+use crate::cni::env::CniEnv;
+use crate::cni::error::{CniError, code};
+use crate::slice_source::{Lookup, PlanInput, PodIdentity, Slice, kube_lookup, plan};
+
+pub fn find_slice(env: &CniEnv, conf: &PluginConfig) -> Result<Option<Slice>, CniError> {
+    let pod = PodIdentity::from_args(&env.args);
+    let input = PlanInput {
+        args: &env.args,
+        pod: &pod,
+        annotations: conf.pod_annotations.as_ref(),
+        static_slices: &conf.slices,
+        has_kubeconfig: conf.kubeconfig.is_some(),
+    };
+    let lookup = plan(&input)?;
+    tracing::debug!(pod = %pod.display(), ?lookup, "slice lookup");
+    match lookup {
+        Lookup::NotASlicePod => Ok(None),
+        Lookup::Known(s) => Ok(Some(s)),
+        needs_api => {
+            // A runtime only for this call: the API client is async, the rest of the plugin is not.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| {
+                    CniError::new(code::IO_FAILURE, "starting the API client runtime failed")
+                        .with_details(e.to_string())
+                })?;
+            rt.block_on(kube_lookup::resolve(
+                needs_api,
+                &input,
+                conf.kubeconfig.as_deref(),
+                conf.api_timeout,
+            ))
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! I/O around the pure install logic: files in the CNI dirs, sysctls, /proc/net.
+use std::{
+    io::Write as _,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use portslice_crds::PortRange;
+use serde_json::json;
+
+use super::{DaemonArgs, conflist, ports};
+
+/// The plugin's `type` in the conflist and its file name in the bin dir.
+pub const PLUGIN_TYPE: &str = "portslice";
+const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// Writes through a temp file + rename so a runtime never reads a half-written file.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
+    let dir = path.parent().context("path without a parent directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .context("path without a file name")?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.portslice-tmp"));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// Adds the pool to `net.ipv4.ip_local_reserved_ports` so the host never picks a pool port as
+/// an ephemeral port (matrix row 10). Keeps what was reserved before.
+pub fn reserve_pool(pool: &[PortRange]) -> anyhow::Result<()> {
+    let cur = std::fs::read_to_string(RESERVED).context("reading ip_local_reserved_ports")?;
+    let new = ports::reserved_with(cur.trim(), pool).map_err(anyhow::Error::msg)?;
+    if new != cur.trim() {
+        std::fs::write(RESERVED, &new)
+            .with_context(|| format!("setting ip_local_reserved_ports={new}"))?;
+        tracing::info!(reserved = %new, "reserved the pool");
+    }
+    Ok(())
+}
+
+/// Takes the pool out of `net.ipv4.ip_local_reserved_ports` again.
+pub fn unreserve_pool(pool: &[PortRange]) -> anyhow::Result<()> {
+    let cur = std::fs::read_to_string(RESERVED).context("reading ip_local_reserved_ports")?;
+    let new = ports::reserved_without(cur.trim(), pool).map_err(anyhow::Error::msg)?;
+    // An empty write is refused by some kernels; "\n" clears the list.
+    let value = if new.is_empty() {
+        "\n".to_string()
+    } else {
+        new
+    };
+    std::fs::write(RESERVED, value).context("writing ip_local_reserved_ports")?;
+    Ok(())
+}
+
+/// (protocol, port) of host sockets listening inside the pool (this netns).
+pub fn host_listeners_in_pool(pool: &[PortRange]) -> Vec<(&'static str, u16)> {
+    let mut out = Vec::new();
+    for (file, proto, tcp) in [
+        ("/proc/net/tcp", "tcp", true),
+        ("/proc/net/tcp6", "tcp", true),
+        ("/proc/net/udp", "udp", false),
+        ("/proc/net/udp6", "udp", false),
+    ] {
+        if let Ok(t) = std::fs::read_to_string(file) {
+            out.extend(
+                ports::in_pool(ports::listening_ports(&t, tcp), pool)
+                    .into_iter()
+                    .map(|p| (proto, p)),
+            );
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The entry we append to the node's conflist. The CNI plugin reads `pinRoot`, `nodeIP` and
+/// `kubeconfig` from it.
+pub fn plugin_entry(args: &DaemonArgs) -> serde_json::Value {
+    let mut v = json!({
+        "type": PLUGIN_TYPE,
+        "pinRoot": args.pin_root,
+        "nodeIP": args.node_ip.to_string(),
+    });
+    if let Some(k) = &args.kubeconfig_out {
+        v["kubeconfig"] = json!(k);
+    }
+    v
+}
+
+fn conflist_path(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let names = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    Ok(conflist::pick_file(names).map(|n| dir.join(n)))
+}
+
+/// Copies this binary into the CNI bin dir and appends us to the node's conflist. Idempotent.
+/// When the primary CNI has not written its config yet, warns and returns Ok: the reconcile
+/// loop calls this again.
+pub fn install_cni(args: &DaemonArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding our own binary")?;
+    let target = args.cni_bin_dir.join(PLUGIN_TYPE);
+    let same =
+        std::fs::read(&target).ok() == Some(std::fs::read(&exe).context("reading our binary")?);
+    if !same {
+        let bytes = std::fs::read(&exe)?;
+        write_atomic(&target, &bytes, 0o755)?;
+        tracing::info!(path = %target.display(), "installed CNI plugin binary");
+    }
+    let Some(path) = conflist_path(&args.cni_conf_dir)? else {
+        tracing::warn!(dir = %args.cni_conf_dir.display(), "no CNI config yet (primary CNI not installed?): will retry");
+        return Ok(());
+    };
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut list = conflist::parse(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let changed = conflist::add_plugin(&mut list, &plugin_entry(args));
+    let was_conf = path.extension().is_none_or(|e| e != "conflist");
+    if changed || was_conf {
+        // A .conf is rewritten as a .conflist (libcni prefers .conflist only by name order, so
+        // the new file keeps the old stem and the old one is removed).
+        let out = path.with_extension("conflist");
+        write_atomic(&out, conflist::render(&list).as_bytes(), 0o644)?;
+        if out != path {
+            std::fs::rename(
+                &path,
+                args.cni_conf_dir.join(format!(
+                    ".{}.portslice-orig",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                )),
+            )?;
+        }
+        tracing::info!(path = %out.display(), "added portslice to the CNI chain");
+    }
+    Ok(())
+}
+
+/// Undoes [`install_cni`]. Missing pieces are fine.
+pub fn uninstall_cni(args: &DaemonArgs) -> anyhow::Result<()> {
+    if let Some(path) = conflist_path(&args.cni_conf_dir)? {
+        let text = std::fs::read_to_string(&path)?;
+        let mut list = conflist::parse(&text)?;
+        if conflist::remove_plugin(&mut list, PLUGIN_TYPE) {
+            write_atomic(&path, conflist::render(&list).as_bytes(), 0o644)?;
+            tracing::info!(path = %path.display(), "removed portslice from the CNI chain");
+        }
+    }
+    match std::fs::remove_file(args.cni_bin_dir.join(PLUGIN_TYPE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}

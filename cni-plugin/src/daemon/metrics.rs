@@ -1,0 +1,210 @@
+//! `/metrics` (per-slice counters read from the pinned maps at scrape time) and `/healthz`.
+use std::{collections::BTreeMap, path::PathBuf};
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::datapath::{PinnedDatapath, abi, loader};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SliceLabels {
+    slice: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    slice: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: String,
+}
+
+/// Per-slice sums of the per-pod counters (a slice has at most one pod per node, but pods of a
+/// deleted-and-recreated slice may briefly overlap).
+pub fn per_slice(
+    pods: &[crate::datapath::PodAttachment],
+    stats: &BTreeMap<u32, abi::PodStats>,
+) -> BTreeMap<String, abi::PodStats> {
+    let mut out: BTreeMap<String, abi::PodStats> = BTreeMap::new();
+    for p in pods {
+        let (Some(s), Some(st)) = (&p.slice, stats.get(&p.host_veth_ifindex)) else {
+            continue;
+        };
+        let e = out.entry(s.slice_key.clone()).or_default();
+        e.rx_packets += st.rx_packets;
+        e.rx_bytes += st.rx_bytes;
+        e.tx_packets += st.tx_packets;
+        e.tx_bytes += st.tx_bytes;
+        e.drop_src_port += st.drop_src_port;
+        e.drop_other += st.drop_other;
+    }
+    out
+}
+
+/// Renders the exposition text from the pinned maps.
+pub fn render(pin_root: &std::path::Path) -> Result<String, String> {
+    let dp = PinnedDatapath::open(pin_root).map_err(|e| e.to_string())?;
+    let pods = dp.list_pods().map_err(|e| e.to_string())?;
+    let stats = dp.pod_stats().map_err(|e| e.to_string())?;
+    let global = dp.global_stats().map_err(|e| e.to_string())?;
+
+    let mut reg = Registry::with_prefix("portslice");
+    let fam = |reg: &mut Registry, name: &str, help: &str| {
+        let f = Family::<SliceLabels, Counter>::default();
+        reg.register(name, help, f.clone());
+        f
+    };
+    let rx_p = fam(
+        &mut reg,
+        "slice_rx_packets",
+        "Packets steered into the slice's pod",
+    );
+    let rx_b = fam(
+        &mut reg,
+        "slice_rx_bytes",
+        "Bytes steered into the slice's pod",
+    );
+    let tx_p = fam(
+        &mut reg,
+        "slice_tx_packets",
+        "Node-address packets the slice's pod sent",
+    );
+    let tx_b = fam(
+        &mut reg,
+        "slice_tx_bytes",
+        "Node-address bytes the slice's pod sent",
+    );
+    let drops = Family::<DropLabels, Counter>::default();
+    reg.register(
+        "slice_drops",
+        "Packets of the slice's pod refused by the datapath",
+        drops.clone(),
+    );
+    let events = Family::<EventLabels, Counter>::default();
+    reg.register(
+        "datapath_packets",
+        "Node-wide datapath events",
+        events.clone(),
+    );
+    let attached = Gauge::<i64>::default();
+    reg.register(
+        "attached_pods",
+        "Pods attached to the datapath",
+        attached.clone(),
+    );
+
+    for (slice, s) in per_slice(&pods, &stats) {
+        let l = SliceLabels {
+            slice: slice.clone(),
+        };
+        rx_p.get_or_create(&l).inc_by(s.rx_packets);
+        rx_b.get_or_create(&l).inc_by(s.rx_bytes);
+        tx_p.get_or_create(&l).inc_by(s.tx_packets);
+        tx_b.get_or_create(&l).inc_by(s.tx_bytes);
+        for (reason, v) in [("source_port", s.drop_src_port), ("other", s.drop_other)] {
+            drops
+                .get_or_create(&DropLabels {
+                    slice: slice.clone(),
+                    reason: reason.into(),
+                })
+                .inc_by(v);
+        }
+    }
+    for (name, v) in global {
+        events
+            .get_or_create(&EventLabels { event: name.into() })
+            .inc_by(v);
+    }
+    attached.set(pods.len() as i64);
+    let mut out = String::new();
+    encode(&mut out, &reg).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+pub fn router(pin_root: PathBuf) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(pin_root)
+}
+
+async fn metrics(
+    State(root): State<PathBuf>,
+) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    let ct = [(
+        "content-type",
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    )];
+    match tokio::task::spawn_blocking(move || render(&root)).await {
+        Ok(Ok(text)) => (StatusCode::OK, ct, text),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, ct, e),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, ct, e.to_string()),
+    }
+}
+
+async fn healthz(State(root): State<PathBuf>) -> (StatusCode, String) {
+    match loader::healthy(&root, true) {
+        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::{PodAttachment, PortRange, Protocol, SliceBinding};
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn sums_counters_per_slice() {
+        let mk = |id: &str, ifx: u32, slice: Option<&str>| PodAttachment {
+            container_id: id.into(),
+            host_veth_ifindex: ifx,
+            pod_private_ip: Ipv4Addr::LOCALHOST,
+            slice: slice.map(|s| SliceBinding {
+                slice_key: s.into(),
+                range: PortRange { start: 1, end: 2 },
+                protocols: vec![Protocol::TCP],
+            }),
+        };
+        let pods = [
+            mk("a", 1, Some("ns/x")),
+            mk("b", 2, Some("ns/x")),
+            mk("c", 3, None),
+        ];
+        let mut st = BTreeMap::new();
+        st.insert(
+            1,
+            abi::PodStats {
+                rx_packets: 2,
+                drop_src_port: 1,
+                ..Default::default()
+            },
+        );
+        st.insert(
+            2,
+            abi::PodStats {
+                rx_packets: 3,
+                ..Default::default()
+            },
+        );
+        st.insert(
+            3,
+            abi::PodStats {
+                rx_packets: 9,
+                ..Default::default()
+            },
+        );
+        let s = per_slice(&pods, &st);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s["ns/x"].rx_packets, 5);
+        assert_eq!(s["ns/x"].drop_src_port, 1);
+    }
+}

@@ -1,0 +1,153 @@
+//! Attaching a TC program to an interface's ingress so that it outlives this process.
+//!
+//! Two real alternatives, hence the enum: tcx links (kernel 6.6+), pinned in bpffs so they stay
+//! attached after the short-lived CNI process exits and are detached by removing the pin; and the
+//! classic clsact qdisc + direct-action filter for older kernels, where the kernel keeps the
+//! filter by itself and we find it again by a fixed priority/handle.
+use std::{io, path::Path};
+
+use aya::programs::{
+    LinkOrder, SchedClassifier, TcAttachType,
+    links::{FdLink, PinnedLink},
+    tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+};
+use aya::util::KernelVersion;
+
+use super::DatapathError;
+
+/// Priority and handle of our clsact filters: fixed so a later process can find and remove them.
+const CLSACT_PRIORITY: u16 = 0x5053; // "PS"
+const CLSACT_HANDLE: TcHandle = TcHandle::new(0x5053, 1);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// tcx bpf_link, pinned under `<pin root>/links/`.
+    Tcx,
+    /// clsact qdisc with a direct-action filter (kernels before 6.6).
+    Clsact,
+}
+
+impl AttachMode {
+    /// tcx where the kernel has it. `PORTSLICE_ATTACH_MODE=clsact|tcx` overrides (tests, old
+    /// kernels with backports); the CNI process and the daemon decide the same way.
+    pub fn detect() -> Self {
+        match std::env::var("PORTSLICE_ATTACH_MODE").as_deref() {
+            Ok("clsact") => return Self::Clsact,
+            Ok("tcx") => return Self::Tcx,
+            _ => {}
+        }
+        match KernelVersion::current() {
+            Ok(v) if v >= KernelVersion::new(6, 6, 0) => Self::Tcx,
+            _ => Self::Clsact,
+        }
+    }
+
+    /// Attaches `prog` to `ifname` ingress. With tcx, an existing pinned link at `link_pin` is
+    /// atomically switched to `prog` (no traffic gap on daemon upgrade); otherwise a new link is
+    /// created and pinned there.
+    pub fn attach(
+        self,
+        prog: &mut SchedClassifier,
+        ifname: &str,
+        link_pin: &Path,
+    ) -> Result<(), DatapathError> {
+        let err = |what: &str, e: &dyn std::error::Error| DatapathError::Attach {
+            ifname: ifname.to_string(),
+            detail: format!("{what}: {}", super::loader::chain(e)),
+        };
+        match self {
+            Self::Tcx => {
+                let id = match PinnedLink::from_pin(link_pin) {
+                    Ok(old) => {
+                        let link = SchedClassifierLink::try_from(FdLink::from(old))
+                            .map_err(|e| err("reusing pinned link", &e))?;
+                        prog.attach_to_link(link)
+                            .map_err(|e| err("replacing program", &e))?
+                    }
+                    Err(_) => prog
+                        .attach_with_options(
+                            ifname,
+                            TcAttachType::Ingress,
+                            TcAttachOptions::TcxOrder(LinkOrder::default()),
+                        )
+                        .map_err(|e| err("tcx attach", &e))?,
+                };
+                let link = prog.take_link(id).map_err(|e| err("taking link", &e))?;
+                let fd: FdLink = link.try_into().map_err(|e| err("tcx link", &e))?;
+                if !link_pin.exists() {
+                    fd.pin(link_pin).map_err(|e| err("pinning link", &e))?;
+                }
+                // Dropping our fd leaves the link attached: the pin holds it.
+                Ok(())
+            }
+            Self::Clsact => {
+                if let Err(e) = tc::qdisc_add_clsact(ifname) {
+                    // "exists" is ambiguous (an `ingress` qdisc may be there): the attach below
+                    // fails clearly if it is not a clsact.
+                    tracing::debug!(ifname, error = %e, "clsact qdisc not added");
+                }
+                let _ = self.detach(ifname, link_pin);
+                let id = prog
+                    .attach_with_options(
+                        ifname,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: CLSACT_PRIORITY,
+                            handle: CLSACT_HANDLE,
+                            ..Default::default()
+                        }),
+                    )
+                    .map_err(|e| err("clsact attach", &e))?;
+                let link = prog.take_link(id).map_err(|e| err("taking link", &e))?;
+                // The filter lives in the kernel; dropping the handle would remove it.
+                std::mem::forget(link);
+                Ok(())
+            }
+        }
+    }
+
+    /// Detaches what [`AttachMode::attach`] attached. Nothing there is not an error.
+    pub fn detach(self, ifname: &str, link_pin: &Path) -> Result<(), DatapathError> {
+        match self {
+            Self::Tcx => match PinnedLink::from_pin(link_pin) {
+                // Removing the last reference (the pin) detaches the link.
+                Ok(link) => link.unpin().map(drop).map_err(|e| DatapathError::Io {
+                    what: format!("unpinning {}", link_pin.display()),
+                    source: e,
+                }),
+                Err(_) => match std::fs::remove_file(link_pin) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DatapathError::Io {
+                        what: format!("removing {}", link_pin.display()),
+                        source: e,
+                    }),
+                    _ => Ok(()),
+                },
+            },
+            Self::Clsact => {
+                // Dropping a link handle for our fixed priority/handle removes the filter.
+                if let Ok(link) = SchedClassifierLink::attached(
+                    ifname,
+                    TcAttachType::Ingress,
+                    CLSACT_PRIORITY,
+                    CLSACT_HANDLE,
+                    None,
+                ) {
+                    drop(link);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether something we attached is there.
+    pub fn is_attached(self, ifname: &str, link_pin: &Path) -> bool {
+        match self {
+            Self::Tcx => PinnedLink::from_pin(link_pin).is_ok(),
+            // aya cannot list netlink filters; the kernel keeps them without us, so trust it.
+            Self::Clsact => {
+                let _ = ifname;
+                true
+            }
+        }
+    }
+}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Every test PortSlice has, in the order a failure is cheapest to find: what `make test` and
+# .ci/run run. Each stage prints its duration; a summary table closes the run.
+source "$(dirname "$0")/lib.sh"
+cd "$REPO_ROOT"
+
+summary=()
+run_stage() {
+    local name=$1; shift
+    local start=$SECONDS
+    log "=== stage $name"
+    if "$@"; then
+        summary+=("$(printf '%-16s %5ss  ok' "$name" "$((SECONDS - start))")")
+    else
+        summary+=("$(printf '%-16s %5ss  FAILED' "$name" "$((SECONDS - start))")")
+        print_summary
+        die "stage $name failed"
+    fi
+}
+print_summary() {
+    log "=== stage timings"
+    printf '%s\n' "${summary[@]}" >&2
+}
+
+toolchain() {
+    apt_install clang llvm libbpf-dev bpftool iproute2 openssl
+    bash e2e/scripts/build-k8s.sh
+    bash e2e/scripts/build-tools.sh
+}
+lint() {
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    "$TOOLS_BIN/helm" lint charts/portslice
+}
+unit() {
+    cargo test --workspace --lib --bins
+    cargo test -p portslice-crds --tests
+}
+bench_quick() {
+    # A short benchmark run so the benchmarks never rot; it asserts nothing about speed.
+    bash e2e/scripts/bench-operator.sh --quick
+    bash e2e/scripts/bench-datapath.sh --quick
+}
+
+run_stage toolchain toolchain
+run_stage lint lint
+run_stage unit unit
+run_stage operator bash e2e/scripts/test-operator.sh
+run_stage datapath bash e2e/scripts/test-datapath.sh
+run_stage e2e bash e2e/scripts/test-e2e.sh
+run_stage bench-quick bench_quick
+print_summary

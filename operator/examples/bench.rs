@@ -1,0 +1,117 @@
+//! Load generator for `e2e/scripts/bench-operator.sh`: creates N PortSlices as fast as the API
+//! server takes them, waits (watching) until every one holds a range, checks that no two ranges
+//! overlap, and prints one JSON line with the timings.
+//!
+//! usage: bench --crd crds/portslice.io_portslices.yaml --namespace bench --count 10000
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use portslice_crds::{PortRange, PortSlice, PortSliceSpec, Protocol};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    crd: std::path::PathBuf,
+    #[arg(long, default_value = "bench")]
+    namespace: String,
+    #[arg(long)]
+    count: usize,
+    #[arg(long, default_value_t = 1)]
+    size: u32,
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 300)]
+    timeout_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let client = Client::try_default().await.context("client from KUBECONFIG")?;
+    install_crd(&client, &args.crd).await?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace { metadata: ObjectMeta { name: Some(args.namespace.clone()), ..Default::default() }, ..Default::default() };
+    namespaces.patch(&args.namespace, &PatchParams::apply("portslice-bench"), &Patch::Apply(&ns)).await?;
+    let api: Api<PortSlice> = Api::namespaced(client.clone(), &args.namespace);
+
+    // Watch first, so that no allocation is missed.
+    let watch_api = api.clone();
+    let count = args.count;
+    let watch = tokio::spawn(async move {
+        let mut ranges: HashMap<String, PortRange> = HashMap::new();
+        let mut events = watcher(watch_api, watcher::Config::default()).applied_objects().boxed();
+        while let Some(obj) = events.try_next().await? {
+            if let Some(r) = obj.status.as_ref().and_then(|s| s.range) {
+                ranges.insert(obj.name_any(), r);
+                if ranges.len() == count {
+                    return Ok::<_, anyhow::Error>(Instant::now());
+                }
+            }
+        }
+        bail!("watch ended early")
+    });
+
+    let start = Instant::now();
+    let spec = PortSliceSpec { size: Some(args.size), ports: None, protocols: vec![Protocol::TCP, Protocol::UDP] };
+    let results: Vec<Result<(), kube::Error>> = stream::iter(0..args.count)
+        .map(|i| {
+            let api = api.clone();
+            let mut slice = PortSlice::new(&format!("s{i:05}"), spec.clone());
+            slice.metadata.namespace = Some(args.namespace.clone());
+            async move { api.create(&PostParams::default(), &slice).await.map(|_| ()) }
+        })
+        .buffer_unordered(args.concurrency)
+        .collect()
+        .await;
+    let created = start.elapsed();
+    if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+        bail!("creating slices failed: {e}");
+    }
+    let done = tokio::time::timeout(Duration::from_secs(args.timeout_secs), watch)
+        .await
+        .context("timed out waiting for every slice to be allocated")???;
+    let allocated = done.duration_since(start);
+
+    let list = api.list(&ListParams::default()).await?;
+    let mut ranges: Vec<(String, PortRange)> =
+        list.items.iter().filter_map(|s| Some((s.name_any(), s.status.as_ref()?.range?))).collect();
+    ranges.sort_by_key(|(_, r)| r.start);
+    let overlaps = ranges.windows(2).filter(|w| w[0].1.end >= w[1].1.start).count();
+    println!(
+        "{{\"count\":{},\"allocated\":{},\"overlaps\":{},\"create_secs\":{:.2},\"allocated_secs\":{:.2}}}",
+        args.count,
+        ranges.len(),
+        overlaps,
+        created.as_secs_f64(),
+        allocated.as_secs_f64()
+    );
+    if overlaps > 0 || ranges.len() != args.count {
+        bail!("{overlaps} overlapping ranges, {} of {} allocated", ranges.len(), args.count);
+    }
+    Ok(())
+}
+
+async fn install_crd(client: &Client, path: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&text)?;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = crd.name_any();
+    api.patch(&name, &PatchParams::apply("portslice-bench").force(), &Patch::Apply(&crd)).await?;
+    for _ in 0..300 {
+        let crd = api.get(&name).await?;
+        let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+        if conditions.iter().any(|c| c.type_ == "Established" && c.status == "True") {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("CRD {name} never became established")
+}

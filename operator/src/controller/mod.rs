@@ -1,0 +1,199 @@
+//! The kube-rs controller: watches PortSlices and their pods, keeps the [`index::SliceIndex`] in
+//! step with the API server, and reconciles each slice ([`reconcile`]).
+pub mod index;
+pub mod pods;
+mod reconcile;
+pub mod status;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use portslice_crds::PortSlice;
+use tracing::{debug, error, info, warn};
+
+pub use reconcile::{Error, error_policy, reconcile};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::server::Health;
+use index::{SliceId, SliceIndex};
+
+/// Field manager of every write the operator makes.
+pub const MANAGER: &str = "portslice-operator";
+
+/// Everything a reconcile needs.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub config: Config,
+    pub pods: Store<Pod>,
+    shared: Arc<Shared>,
+}
+
+/// State shared between the watch streams (which feed it) and the reconciler (which asks it).
+struct Shared {
+    index: Mutex<SliceIndex>,
+    pods_synced: AtomicBool,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    wake: futures::channel::mpsc::UnboundedSender<ObjectRef<PortSlice>>,
+    client: Client,
+}
+
+impl Shared {
+    fn index(&self) -> MutexGuard<'_, SliceIndex> {
+        // A panic while holding the lock leaves the table as it was before the failed call:
+        // every index method validates before it mutates. Carry on with it.
+        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn synced(&self) -> bool {
+        self.pods_synced.load(Ordering::Acquire) && self.index().synced()
+    }
+
+    fn update_health(&self) {
+        self.health.set_synced(self.synced());
+    }
+
+    fn publish_pool(&self) {
+        let (stats, held) = self.index().stats();
+        self.metrics.set_pool(stats, held);
+    }
+
+    /// Wakes every slice that waits for space.
+    fn wake_waiters(&self) {
+        let waiters = self.index().waiters();
+        for w in waiters {
+            // The receiver lives as long as the controller; after shutdown nobody needs waking.
+            let _ = self.wake.unbounded_send(w);
+        }
+    }
+
+    fn observe(self: &Arc<Self>, event: &watcher::Event<PortSlice>) {
+        let seen = self.index().observe(event);
+        for (id, range, holder) in &seen.overlaps {
+            self.metrics.overlaps_detected.inc();
+            error!(slice = %id, %range, holder = %holder, "status overlaps a range held by another slice");
+        }
+        if !seen.suspects.is_empty() {
+            let this = self.clone();
+            tokio::spawn(async move { this.verify_gone(seen.suspects).await });
+        }
+        if seen.freed {
+            self.metrics.releases.inc();
+            self.wake_waiters();
+        }
+        if matches!(event, watcher::Event::InitDone) {
+            self.update_health();
+        }
+        self.publish_pool();
+    }
+
+    /// Frees the ranges of slices a re-list did not show, once a GET proves they are gone.
+    async fn verify_gone(self: Arc<Self>, suspects: Vec<SliceId>) {
+        let mut freed = false;
+        for id in suspects {
+            let api: Api<PortSlice> = Api::namespaced(self.client.clone(), &id.namespace);
+            match api.get_opt(&id.name).await {
+                Ok(Some(obj)) if obj.uid().as_deref() == Some(id.uid.as_str()) => {}
+                Ok(_) => {
+                    info!(slice = %id, "slice is gone; freeing its range");
+                    freed |= self.index().forget(&id);
+                }
+                Err(e) => warn!(slice = %id, error = %e, "cannot verify that the slice is gone; keeping its range"),
+            }
+        }
+        if freed {
+            self.wake_waiters();
+            self.publish_pool();
+        }
+    }
+}
+
+impl Context {
+    fn synced(&self) -> bool {
+        self.shared.synced()
+    }
+
+    fn index(&self) -> MutexGuard<'_, SliceIndex> {
+        self.shared.index()
+    }
+}
+
+/// Runs the controller until `shutdown` resolves (then finishes the reconciles in flight).
+pub async fn run(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
+    let shared = Arc::new(Shared {
+        index: Mutex::new(SliceIndex::new(&config.pools)?),
+        pods_synced: AtomicBool::new(false),
+        metrics: metrics.clone(),
+        health,
+        wake: wake_tx,
+        client: client.clone(),
+    });
+    shared.publish_pool();
+    let (slice_api, pod_api): (Api<PortSlice>, Api<Pod>) = match &config.watch_namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+
+    let (slice_store, slice_writer) = reflector::store();
+    let feed = shared.clone();
+    let slices = watcher(slice_api, watcher::Config::default())
+        .default_backoff()
+        // managedFields are most of an object's size and the operator never reads them.
+        .modify(|s: &mut PortSlice| s.managed_fields_mut().clear())
+        .reflect(slice_writer)
+        .inspect_ok(move |event| feed.observe(event))
+        .touched_objects();
+
+    let (pod_store, pod_writer) = reflector::store();
+    let feed = shared.clone();
+    let pods = watcher(pod_api, watcher::Config::default())
+        .default_backoff()
+        .modify(pods::strip)
+        .reflect(pod_writer)
+        .inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone) {
+                feed.pods_synced.store(true, Ordering::Release);
+                feed.update_health();
+            }
+        })
+        .touched_objects();
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter { controller: MANAGER.into(), instance: Some(config.identity.clone()) },
+    );
+    let concurrency = config.concurrency;
+    let ctx = Arc::new(Context { client, recorder, metrics, config, pods: pod_store, shared });
+    info!("controller starting");
+    Controller::for_stream(slices, slice_store)
+        .watches_stream(pods, |pod: Pod| pods::slice_of(&pod))
+        .reconcile_on(wake_rx)
+        .with_config(controller::Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                debug!(error = %e, "reconcile request failed");
+            }
+        })
+        .await;
+    info!("controller stopped");
+    Ok(())
+}
