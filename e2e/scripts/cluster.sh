@@ -90,6 +90,9 @@ build_go_tool() { # NAME MODULE@VERSION — cached in $TOOLS_BIN
 
 network() {
     modprobe br_netfilter 2>/dev/null || true
+    # The node DaemonSet mounts bpffs with Bidirectional propagation, which needs a shared mount.
+    ensure_bpffs
+    mount --make-shared /sys/fs/bpf
     sysctl -qw net.ipv4.ip_forward=1
     if ! ip netns list | grep -qw "$REMOTE_NETNS"; then
         ip netns add "$REMOTE_NETNS"

@@ -234,18 +234,26 @@ async fn helm_install(ctx: &Ctx) -> anyhow::Result<()> {
         args.extend(["--set", set.as_str()]);
     }
     shell::run_ok(&helm(ctx, &args), LONG).await?;
+    // helm --wait accepts a DaemonSet with maxUnavailable pods not ready: wait for all of them.
     let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &s.release_namespace);
-    let list = deploys.list(&ListParams::default().labels("app.kubernetes.io/component=operator")).await?;
-    let d = list.items.first().context("no operator Deployment")?;
-    let st = d.status.clone().unwrap_or_default();
-    ensure!(st.available_replicas.unwrap_or(0) >= 2, "operator Deployment has {:?} available replicas, want 2", st.available_replicas);
     let dss: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &s.release_namespace);
-    let list = dss.list(&ListParams::default().labels("app.kubernetes.io/component=node")).await?;
-    let ds = list.items.first().context("no node DaemonSet")?;
-    let st = ds.status.clone().context("node DaemonSet has no status")?;
-    ensure!(st.desired_number_scheduled > 0 && st.number_ready == st.desired_number_scheduled,
-        "node DaemonSet ready {}/{}", st.number_ready, st.desired_number_scheduled);
-    Ok(())
+    wait_until("2 available operator replicas", Duration::from_secs(120), || async {
+        let list = deploys.list(&ListParams::default().labels("app.kubernetes.io/component=operator")).await?;
+        let d = list.items.first().context("no operator Deployment")?;
+        let available = d.status.as_ref().and_then(|st| st.available_replicas).unwrap_or(0);
+        Ok((available >= 2).then_some(()))
+    })
+    .await?;
+    wait_until("the node DaemonSet ready on every node", Duration::from_secs(120), || async {
+        let list = dss.list(&ListParams::default().labels("app.kubernetes.io/component=node")).await?;
+        let ds = list.items.first().context("no node DaemonSet")?;
+        let st = ds.status.clone().context("node DaemonSet has no status")?;
+        let done = st.desired_number_scheduled > 0
+            && st.number_ready == st.desired_number_scheduled
+            && st.updated_number_scheduled == Some(st.desired_number_scheduled);
+        Ok(done.then_some(()))
+    })
+    .await
 }
 
 async fn leader_lease(ctx: &Ctx) -> anyhow::Result<()> {

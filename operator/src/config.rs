@@ -65,6 +65,11 @@ pub struct Cli {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<LogFormat>,
+    /// Also emit a Normal Event for every allocation (Warnings for conflicts, exhaustion and
+    /// invalid specs, and the Released event, are always emitted). Off by default: it is one
+    /// more API write per slice, and the Allocated condition already says it.
+    #[arg(long)]
+    pub allocation_events: Option<bool>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -82,6 +87,7 @@ struct FileConfig {
     watch_namespace: Option<String>,
     concurrency: Option<u16>,
     log_format: Option<LogFormat>,
+    allocation_events: Option<bool>,
 }
 
 #[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -107,6 +113,7 @@ pub struct Config {
     pub watch_namespace: Option<String>,
     pub concurrency: u16,
     pub log_format: LogFormat,
+    pub allocation_events: bool,
 }
 
 /// Facts from the environment, passed in so that resolution stays pure and testable.
@@ -191,6 +198,7 @@ impl Config {
             watch_namespace: cli.watch_namespace.or(file.watch_namespace),
             concurrency: cli.concurrency.or(file.concurrency).unwrap_or(32).max(1),
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+            allocation_events: cli.allocation_events.or(file.allocation_events).unwrap_or(false),
         })
     }
 }
@@ -223,6 +231,7 @@ fn file_from(f: FileConfig) -> Cli {
         watch_namespace: f.watch_namespace,
         concurrency: f.concurrency,
         log_format: f.log_format,
+        allocation_events: f.allocation_events,
     }
 }
 

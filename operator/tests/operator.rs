@@ -13,7 +13,7 @@ use serde_json::json;
 #[tokio::test]
 async fn allocates_a_range_with_conditions_events_and_metrics() {
     with_namespace("allocates", |ns| async move {
-        let op = ns.operator(&["--pool", "40000-40999"]);
+        let op = ns.operator(&["--pool", "40000-40999", "--allocation-events", "true"]);
         ns.create_size("media", 100).await;
         let range = ns.wait_allocated("media").await;
         assert_eq!(range, PortRange { start: 40000, end: 40099 });

@@ -120,7 +120,9 @@ impl CniResult {
 
     /// The result ADD prints: the previous result with the node address /32 appended to the pod
     /// interface. Appended, not prepended: containerd takes the *first* IPv4 of the interface as
-    /// the pod IP, and that must stay the private address.
+    /// the pod IP, and that must stay the private address. It carries the private address's
+    /// gateway (the node address leaves through it too); the reference plugins' CHECK insists on a
+    /// gateway for every address of their interface.
     pub fn with_node_address(
         mut self,
         version: Version,
@@ -132,7 +134,7 @@ impl CniResult {
             self.ips.push(IpConfig {
                 version: None,
                 address,
-                gateway: None,
+                gateway: pod.gateway.map(|g| g.to_string()),
                 interface: Some(pod.interface_index),
                 extra: Map::new(),
             });
@@ -202,6 +204,7 @@ mod tests {
         );
         assert_eq!(out.ips[1].address, "192.0.2.10/32");
         assert_eq!(out.ips[1].interface, Some(1));
+        assert_eq!(out.ips[1].gateway.as_deref(), Some("10.22.0.1"));
         let again = out.clone().with_node_address(Version::V100, &pod, node);
         assert_eq!(again.ips.len(), 2, "idempotent");
         let json: Value = serde_json::from_str(&again.to_json().unwrap()).unwrap();

@@ -114,13 +114,17 @@ fn conflist_path(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
 pub fn install_cni(args: &DaemonArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding our own binary")?;
     let target = args.cni_bin_dir.join(PLUGIN_TYPE);
-    let same =
-        std::fs::read(&target).ok() == Some(std::fs::read(&exe).context("reading our binary")?);
-    if !same {
-        let bytes = std::fs::read(&exe)?;
-        write_atomic(&target, &bytes, 0o755)?;
+    let ours = std::fs::read(&exe).context("reading our binary")?;
+    if std::fs::read(&target).ok().as_ref() != Some(&ours) {
+        write_atomic(&target, &ours, 0o755)?;
         tracing::info!(path = %target.display(), "installed CNI plugin binary");
     }
+    ensure_conflist_entry(args)
+}
+
+/// Appends us to the node's conflist if we are not (or no longer) there. Cheap enough for every
+/// reconcile: the primary CNI may write or rewrite its config after we started.
+pub fn ensure_conflist_entry(args: &DaemonArgs) -> anyhow::Result<()> {
     let Some(path) = conflist_path(&args.cni_conf_dir)? else {
         tracing::warn!(dir = %args.cni_conf_dir.display(), "no CNI config yet (primary CNI not installed?): will retry");
         return Ok(());
@@ -131,8 +135,8 @@ pub fn install_cni(args: &DaemonArgs) -> anyhow::Result<()> {
     let changed = conflist::add_plugin(&mut list, &plugin_entry(args));
     let was_conf = path.extension().is_none_or(|e| e != "conflist");
     if changed || was_conf {
-        // A .conf is rewritten as a .conflist (libcni prefers .conflist only by name order, so
-        // the new file keeps the old stem and the old one is removed).
+        // A single-plugin .conf cannot chain: it becomes a .conflist with the same stem, and
+        // the original is kept as a hidden backup (libcni skips dot files) for uninstall.
         let out = path.with_extension("conflist");
         write_atomic(&out, conflist::render(&list).as_bytes(), 0o644)?;
         if out != path {
@@ -152,6 +156,17 @@ pub fn install_cni(args: &DaemonArgs) -> anyhow::Result<()> {
 /// Undoes [`install_cni`]. Missing pieces are fine.
 pub fn uninstall_cni(args: &DaemonArgs) -> anyhow::Result<()> {
     if let Some(path) = conflist_path(&args.cni_conf_dir)? {
+        let backup = path.with_extension("conf");
+        let backup = args.cni_conf_dir.join(format!(
+            ".{}.portslice-orig",
+            backup.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        if backup.exists() {
+            // We converted a .conf: put the original back.
+            std::fs::rename(&backup, path.with_extension("conf"))?;
+            std::fs::remove_file(&path)?;
+            return remove_binary(args);
+        }
         let text = std::fs::read_to_string(&path)?;
         let mut list = conflist::parse(&text)?;
         if conflist::remove_plugin(&mut list, PLUGIN_TYPE) {
@@ -159,6 +174,10 @@ pub fn uninstall_cni(args: &DaemonArgs) -> anyhow::Result<()> {
             tracing::info!(path = %path.display(), "removed portslice from the CNI chain");
         }
     }
+    remove_binary(args)
+}
+
+fn remove_binary(args: &DaemonArgs) -> anyhow::Result<()> {
     match std::fs::remove_file(args.cni_bin_dir.join(PLUGIN_TYPE)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
         _ => Ok(()),

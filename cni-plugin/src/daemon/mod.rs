@@ -130,8 +130,15 @@ async fn reconcile_loop(args: DaemonArgs) -> anyhow::Result<()> {
     loop {
         tick.tick().await;
         let a = args.clone();
-        // Map syscalls and /proc reads are blocking: keep them off the async workers.
-        let r = tokio::task::spawn_blocking(move || reconcile_once(&a)).await?;
+        // Map syscalls and file I/O are blocking: keep them off the async workers. The primary
+        // CNI may write (or rewrite) its config after we started: keep our entry in it.
+        let r = tokio::task::spawn_blocking(move || {
+            if !a.no_cni_install {
+                install::ensure_conflist_entry(&a)?;
+            }
+            reconcile_once(&a)
+        })
+        .await?;
         if let Err(e) = r {
             tracing::warn!(error = %format!("{e:#}"), "reconcile failed");
         }

@@ -37,57 +37,72 @@ pub fn pod_link(ifname: &str) -> Result<PodLink, NetnsError> {
     })
 }
 
+/// What ADD changed that cleanup cannot find by itself: the sysctls' previous values.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub link: PodLink,
+    saved: Vec<(String, String)>,
+}
+
 /// Wires the pod. On failure, removes what it added and restores the sysctls before returning
-/// the error: ADD leaves nothing behind.
-pub fn apply(w: &PodWiring) -> Result<PodLink, NetnsError> {
+/// the error: ADD leaves nothing behind. The returned [`Applied`] lets a later failure of ADD
+/// (the datapath) undo it all with [`undo`].
+pub fn apply(w: &PodWiring) -> Result<Applied, NetnsError> {
     let nl = Nl::new()?;
     let (ifindex, peer_ifindex) = nl.link_by_name(&w.ifname)?;
-    let saved = [sysctl::UNPRIVILEGED_PORT_START, sysctl::LOCAL_PORT_RANGE]
-        .map(|k| sysctl::read(k).map(|v| (k, v)));
-    let saved: Vec<(&str, String)> = saved.into_iter().collect::<Result<_, _>>()?;
+    let saved = [sysctl::UNPRIVILEGED_PORT_START.to_string(), sysctl::LOCAL_PORT_RANGE.to_string(), arp_announce_key(&w.ifname)]
+        .into_iter()
+        .map(|k| sysctl::read(&k).map(|v| (k, v)))
+        .collect::<Result<Vec<_>, _>>()?;
     match apply_steps(&nl, w, ifindex, &saved) {
-        Ok(()) => Ok(PodLink {
-            ifindex,
-            peer_ifindex,
-        }),
+        Ok(()) => Ok(Applied { link: PodLink { ifindex, peer_ifindex }, saved }),
         Err(first) => {
-            let mut undo = cleanup(&nl, w.node_ip, ifindex);
-            // Restore in reverse order: the port range first, as the kernel checks it against
-            // the unprivileged start.
-            for (key, value) in saved.iter().rev() {
-                if let Err(e) = sysctl::write(key, value) {
-                    undo.push(e.to_string());
-                }
-            }
-            if undo.is_empty() {
-                Err(first)
-            } else {
-                Err(NetnsError::Undo {
-                    first: Box::new(first),
-                    undo,
-                })
-            }
+            let undo = undo_with(&nl, w, ifindex, &saved);
+            if undo.is_empty() { Err(first) } else { Err(NetnsError::Undo { first: Box::new(first), undo }) }
         }
     }
+}
+
+/// Undoes a successful [`apply`] (ADD failed later).
+pub fn undo(w: &PodWiring, applied: &Applied) -> Result<(), NetnsError> {
+    let nl = Nl::new()?;
+    let errors = undo_with(&nl, w, applied.link.ifindex, &applied.saved);
+    if errors.is_empty() { Ok(()) } else { Err(NetnsError::Check(errors)) }
+}
+
+fn undo_with(nl: &Nl, w: &PodWiring, ifindex: u32, saved: &[(String, String)]) -> Vec<String> {
+    let mut errors = cleanup(nl, w.node_ip, ifindex);
+    // Restore in reverse order: the port range first, as the kernel checks the unprivileged
+    // start against it.
+    for (key, value) in saved.iter().rev() {
+        if let Err(e) = sysctl::write(key, value) {
+            errors.push(e.to_string());
+        }
+    }
+    errors
 }
 
 fn apply_steps(
     nl: &Nl,
     w: &PodWiring,
     ifindex: u32,
-    saved: &[(&str, String)],
+    saved: &[(String, String)],
 ) -> Result<(), NetnsError> {
     // Sysctls: the unprivileged start must never be above the port range's start, so lower it
     // before moving the range down.
     let current_unpriv = saved
         .iter()
-        .find(|(k, _)| *k == sysctl::UNPRIVILEGED_PORT_START)
+        .find(|(k, _)| k == sysctl::UNPRIVILEGED_PORT_START)
         .and_then(|(_, v)| v.parse::<u32>().ok())
         .unwrap_or(1024);
     if let Some(start) = w.unprivileged_port_start(current_unpriv) {
         sysctl::write(sysctl::UNPRIVILEGED_PORT_START, &start.to_string())?;
     }
     sysctl::write(sysctl::LOCAL_PORT_RANGE, &w.local_port_range())?;
+    // With two addresses on the interface, ARP requests must not name the node address as
+    // sender: the node drops them as martian (its own address) on any L3 interface without
+    // accept_local, e.g. a bridge. 2 = the address of the target's subnet, the private one.
+    sysctl::write(&arp_announce_key(&w.ifname), "2")?;
 
     // The node address /32, after the private one so the private stays the primary.
     tolerate_exists(nl.add(
@@ -130,6 +145,18 @@ fn apply_steps(
             gw
         }
     };
+
+    // The node address /32 in the main table, via the same gateway: what `to <node IP> lookup
+    // main` finds for ports that are not the pod's, and the route the reference plugins' CHECK
+    // looks up for every address of their interface (our /32 has no prefix route otherwise).
+    let r = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(w.node_ip, 32)
+        .gateway(gateway)
+        .pref_source(w.node_ip)
+        .output_interface(ifindex)
+        .protocol(RouteProtocol::Other(PROTO_PORTSLICE))
+        .build();
+    tolerate_exists(nl.add(RouteNetlinkMessage::NewRoute(r), false, "adding the route to the node address"))?;
 
     // Cluster CIDRs keep the private address as source.
     for cidr in &w.cluster_cidrs {
@@ -283,6 +310,12 @@ pub fn check(w: &PodWiring) -> Result<PodLink, NetnsError> {
         Some(_) => problems.push(format!("default route lacks src {}", w.node_ip)),
         None => problems.push("no default route".into()),
     }
+    let node_routed = routes.iter().any(|r| {
+        table_of(r) == TABLE_MAIN && r.header.destination_prefix_length == 32 && destination(r) == Some(w.node_ip)
+    });
+    if !node_routed {
+        problems.push(format!("no main-table route to the node address {}", w.node_ip));
+    }
     for cidr in &w.cluster_cidrs {
         let routed = routes.iter().any(|r| {
             r.header.destination_prefix_length == cidr.prefix
@@ -311,6 +344,11 @@ pub fn check(w: &PodWiring) -> Result<PodLink, NetnsError> {
     {
         problems.push("no local table rule at all".into());
     }
+    match sysctl::read(&arp_announce_key(&w.ifname)) {
+        Ok(v) if v == "2" => {}
+        Ok(v) => problems.push(format!("arp_announce on {} is {v}, want 2", w.ifname)),
+        Err(e) => problems.push(e.to_string()),
+    }
     match sysctl::read(sysctl::LOCAL_PORT_RANGE) {
         Ok(v) if v == w.local_port_range() => {}
         Ok(v) => problems.push(format!(
@@ -327,6 +365,10 @@ pub fn check(w: &PodWiring) -> Result<PodLink, NetnsError> {
     } else {
         Err(NetnsError::Check(problems))
     }
+}
+
+fn arp_announce_key(ifname: &str) -> String {
+    format!("net.ipv4.conf.{ifname}.arp_announce")
 }
 
 fn tolerate_exists(r: Result<(), NetnsError>) -> Result<(), NetnsError> {

@@ -123,12 +123,18 @@ async fn apply(obj: &PortSlice, ctx: &Context, api: &Api<PortSlice>) -> Result<A
             info!(%range, "allocated");
         }
     }
-    if newly_allocated || (reason_changed && !matches!(outcome, Outcome::Allocated { .. })) {
+    let announce = if matches!(outcome, Outcome::Allocated { .. }) {
+        newly_allocated && ctx.config.allocation_events
+    } else {
+        reason_changed
+    };
+    if announce {
         publish(ctx, obj, &outcome).await;
     }
     Ok(match outcome {
-        // Level-triggered resync now and then; pod and slice events do the real work.
-        Outcome::Allocated { .. } => Action::requeue(Duration::from_secs(600)),
+        // Slice and pod events drive everything else; no periodic resync entry per slice
+        // (10,000 timers are memory for nothing).
+        Outcome::Allocated { .. } => Action::await_change(),
         Outcome::Waiting { .. } => Action::requeue(ctx.config.retry_interval),
         Outcome::Invalid { .. } | Outcome::Terminating { .. } => Action::await_change(),
     })

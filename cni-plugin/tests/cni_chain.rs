@@ -1,0 +1,412 @@
+//! The plugin chained behind Debian's reference plugins (ptp or bridge + host-local), driven
+//! the way a runtime drives it, in network namespaces (root; skipped loudly otherwise). Each
+//! test proves one behaviour of ADD/CHECK/DEL/GC/STATUS, including that failures leave nothing
+//! behind.
+mod cni_common;
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+
+use cni_common::{
+    CniPod, Conflist, Runtime, TempDir, datapath_has, exec_plugin, leftovers, portslice_conf, sysctl_in,
+};
+use serde_json::{Value, json};
+use support::traffic::{tcp_request, tcp_server, udp_request, udp_server};
+use support::{NODE_IP, REMOTE_IP, Topology, require_root};
+
+const DEFAULT_RANGE: &str = "32768 60999";
+
+fn runtime<'a>(t: &'a Topology, version: &str, ipam: &TempDir, extra: Value) -> Runtime<'a> {
+    let mut ps = portslice_conf(t);
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        ps[k] = v.clone();
+    }
+    Runtime { node: &t.node, list: Conflist::ptp(version, &ipam.0, ps) }
+}
+
+/// remote -> node IP:port reaches the pod (TCP and UDP).
+fn assert_reachable(t: &Topology, pod: &CniPod, port: u16) {
+    let _tcp = tcp_server(&pod.ns, Ipv4Addr::UNSPECIFIED, port, "pod");
+    let _udp = udp_server(&pod.ns, Ipv4Addr::UNSPECIFIED, port, "pod");
+    let r = tcp_request(&t.remote, SocketAddrV4::new(NODE_IP, port), None).expect("TCP remote -> node IP:slice port");
+    assert!(r.starts_with(&format!("pod {REMOTE_IP}:")), "{r}");
+    let r = udp_request(&t.remote, SocketAddrV4::new(REMOTE_IP, 0), SocketAddrV4::new(NODE_IP, port), 8)
+        .expect("UDP remote -> node IP:slice port");
+    assert!(r.starts_with(&format!("pod {REMOTE_IP}:")), "{r}");
+}
+
+#[test]
+fn add_check_del_through_ptp_at_0_4_0_and_1_0_0() {
+    if !require_root("add_check_del_through_ptp") {
+        return;
+    }
+    let t = Topology::new();
+    for (i, version) in ["0.4.0", "1.0.0"].into_iter().enumerate() {
+        let ipam = TempDir::new("ipam");
+        let rt = runtime(&t, version, &ipam, json!({}));
+        let start = 41000 + 100 * i as u16;
+        let mut pod = CniPod::new(&format!("PORTSLICE_RANGE={start}-{}", start + 99));
+        let result = rt.add(&mut pod).unwrap_or_else(|e| panic!("ADD at {version}: {e:?}"));
+        assert_eq!(result["cniVersion"], version);
+        let ips = result["ips"].as_array().unwrap();
+        assert_eq!(ips.len(), 2, "{result}");
+        assert!(ips[0]["address"].as_str().unwrap().starts_with("10.245.0."), "private address stays first: {result}");
+        assert_eq!(ips[1]["address"], format!("{NODE_IP}/32"));
+        assert_eq!(ips[1]["interface"], ips[0]["interface"]);
+        assert_eq!(ips[1].get("version").is_some(), version == "0.4.0", "{result}");
+        assert_eq!(sysctl_in(&pod.ns, "net.ipv4.ip_local_port_range"), format!("{start} {}", start + 99));
+        assert!(datapath_has(&t, &pod.container_id));
+        assert_reachable(&t, &pod, start + 10);
+        rt.check(&pod).unwrap_or_else(|e| panic!("CHECK at {version}: {e:?}"));
+
+        let inv = rt.exec_last(&pod, "DEL", pod.result.as_ref());
+        assert!(inv.ok() && inv.stdout.is_empty(), "{inv:?}");
+        assert!(leftovers(&pod.ns).is_empty(), "{:?}", leftovers(&pod.ns));
+        assert!(!datapath_has(&t, &pod.container_id));
+        rt.del(&pod).expect("DEL through the chain");
+        rt.del(&pod).expect("DEL twice in a row");
+    }
+}
+
+#[test]
+fn add_at_1_1_0_then_gc_removes_only_stale_attachments_and_status_reports_ready() {
+    if !require_root("gc_and_status") {
+        return;
+    }
+    let t = Topology::new();
+    let ipam = TempDir::new("ipam");
+    // Debian's ptp stops at 1.0.0: run it at 1.0.0 and hand its result on as a 1.1.0 chain would.
+    let rt10 = runtime(&t, "1.0.0", &ipam, json!({}));
+    let mut pods = Vec::new();
+    for range in ["41200-41209", "41210-41219"] {
+        let mut pod = CniPod::new(&format!("PORTSLICE_RANGE={range}"));
+        let conf = rt10.list.conf_for(0, None, None);
+        let ptp = exec_plugin(Some(&t.node.path()), "ptp", &pod.env("ADD"), &conf.to_string());
+        assert!(ptp.ok(), "{ptp:?}");
+        let mut prev = ptp.json();
+        prev["cniVersion"] = json!("1.1.0");
+        let mut c = rt10.list.conf_for(1, Some(&prev), None);
+        c["cniVersion"] = json!("1.1.0");
+        let inv = exec_plugin(Some(&t.node.path()), "portslice", &pod.env("ADD"), &c.to_string());
+        assert!(inv.ok(), "{inv:?}");
+        assert_eq!(inv.json()["cniVersion"], "1.1.0");
+        pod.result = Some(inv.json());
+        pods.push(pod);
+    }
+    let gc_env = vec![("CNI_COMMAND".to_string(), "GC".to_string()), ("CNI_PATH".to_string(), "/usr/lib/cni".to_string())];
+    let mut c = portslice_conf(&t);
+    c["cniVersion"] = json!("1.1.0");
+    c["name"] = json!(rt10.list.name);
+    c["cni.dev/valid-attachments"] = json!([{"containerID": pods[0].container_id, "ifname": "eth0"}]);
+    let inv = exec_plugin(Some(&t.node.path()), "portslice", &gc_env, &c.to_string());
+    assert!(inv.ok() && inv.stdout.trim().is_empty(), "{inv:?}");
+    assert!(datapath_has(&t, &pods[0].container_id), "a valid attachment survives GC");
+    assert!(!datapath_has(&t, &pods[1].container_id), "a stale attachment is removed by GC");
+    assert_reachable(&t, &pods[0], 41205);
+
+    let status_env = vec![("CNI_COMMAND".to_string(), "STATUS".to_string()), ("CNI_PATH".to_string(), "/usr/lib/cni".to_string())];
+    let inv = exec_plugin(Some(&t.node.path()), "portslice", &status_env, &c.to_string());
+    assert!(inv.ok() && inv.stdout.trim().is_empty(), "{inv:?}");
+    c["pinRoot"] = json!("/sys/fs/bpf/portslice-no-such-root");
+    let inv = exec_plugin(Some(&t.node.path()), "portslice", &status_env, &c.to_string());
+    assert_eq!(inv.error_code(), 50, "{inv:?}");
+    for pod in &pods {
+        rt10.del(pod).expect("DEL");
+    }
+}
+
+#[test]
+fn a_pod_without_a_slice_passes_through_unchanged() {
+    if !require_root("plain_pod") {
+        return;
+    }
+    let t = Topology::new();
+    let ipam = TempDir::new("ipam");
+    let rt = runtime(&t, "1.0.0", &ipam, json!({}));
+    let mut pod = CniPod::new("");
+    let conf = rt.list.conf_for(0, None, None);
+    let ptp = exec_plugin(Some(&t.node.path()), "ptp", &pod.env("ADD"), &conf.to_string());
+    assert!(ptp.ok(), "{ptp:?}");
+    let inv = rt.exec_last(&pod, "ADD", Some(&ptp.json()));
+    assert!(inv.ok(), "{inv:?}");
+    assert_eq!(inv.json(), ptp.json(), "prevResult passes through unchanged");
+    pod.result = Some(inv.json());
+    assert!(leftovers(&pod.ns).is_empty());
+    assert_eq!(sysctl_in(&pod.ns, "net.ipv4.ip_local_port_range"), DEFAULT_RANGE);
+    // The datapath knows its host veth (matrix row 4), with no slice.
+    let id = pod.container_id.clone();
+    let slice = t.with_datapath(move |dp| dp.list_pods().unwrap().into_iter().find(|p| p.container_id == id).map(|p| p.slice));
+    assert_eq!(slice, Some(None));
+    rt.check(&pod).expect("CHECK of a plain pod");
+    rt.del(&pod).expect("DEL");
+    assert!(!datapath_has(&t, &pod.container_id));
+}
+
+#[test]
+fn bridge_chain_wires_a_slice_pod() {
+    if !require_root("bridge_chain") {
+        return;
+    }
+    let t = Topology::new();
+    let ipam = TempDir::new("ipam");
+    let rt = Runtime {
+        node: &t.node,
+        list: Conflist::bridge("1.0.0", &ipam.0, "psbr0", portslice_conf(&t)),
+    };
+    let mut pod = CniPod::new("PORTSLICE_RANGE=41300-41399");
+    rt.add(&mut pod).unwrap_or_else(|e| panic!("ADD behind bridge: {e:?}"));
+    assert_reachable(&t, &pod, 41310);
+    rt.check(&pod).expect("CHECK");
+    rt.del(&pod).expect("DEL");
+    assert!(!datapath_has(&t, &pod.container_id));
+    let _ = std::process::Command::new("ip").args(["-n", &t.node.name, "link", "del", "psbr0"]).status();
+}
+
+#[test]
+fn check_detects_a_removed_rule_address_sysctl_and_datapath_entry() {
+    if !require_root("check_detects") {
+        return;
+    }
+    let t = Topology::new();
+    let ipam = TempDir::new("ipam");
+    let rt = runtime(&t, "1.0.0", &ipam, json!({}));
+    let mut pod = CniPod::new("PORTSLICE_RANGE=41400-41499");
+    rt.add(&mut pod).expect("ADD");
+    let check = |what: &str| {
+        let inv = rt.exec_last(&pod, "CHECK", pod.result.as_ref());
+        assert_eq!(inv.error_code(), 106, "CHECK after {what}: {inv:?}");
+    };
+    let redo = |pod: &CniPod| {
+        let inv = rt.exec_last(pod, "ADD", Some(&pod.result.clone().unwrap()));
+        assert!(inv.ok(), "re-ADD: {inv:?}");
+        let ok = rt.exec_last(pod, "CHECK", pod.result.as_ref());
+        assert!(ok.ok(), "CHECK after repair: {ok:?}");
+    };
+    pod.ns.ip(&["rule", "del", "pref", "101"]);
+    check("removing the TCP rule");
+    redo(&pod);
+    pod.ns.ip(&["addr", "del", &format!("{NODE_IP}/32"), "dev", "eth0"]);
+    check("removing the node address");
+    redo(&pod);
+    pod.ns.sysctl("net.ipv4.ip_local_port_range", DEFAULT_RANGE);
+    check("resetting ip_local_port_range");
+    redo(&pod);
+    let id = pod.container_id.clone();
+    t.with_datapath(move |dp| dp.detach_pod(&id, None).expect("detach"));
+    check("removing the datapath entry");
+    rt.del(&pod).expect("DEL");
+}
+
+#[test]
+fn del_succeeds_when_the_netns_is_gone() {
+    if !require_root("del_netns_gone") {
+        return;
+    }
+    let t = Topology::new();
+    let ipam = TempDir::new("ipam");
+    let rt = runtime(&t, "1.0.0", &ipam, json!({}));
+    let mut pod = CniPod::new("PORTSLICE_RANGE=41500-41509");
+    rt.add(&mut pod).expect("ADD");
+    std::process::Command::new("ip").args(["netns", "del", &pod.ns.name]).status().expect("ip netns del");
+    for _ in 0..2 {
+        let inv = rt.exec_last(&pod, "DEL", pod.result.as_ref());
+        assert!(inv.ok(), "DEL with the netns gone: {inv:?}");
+    }
+    assert!(!datapath_has(&t, &pod.container_id));
+    // And with CNI_NETNS pointing at a file that is no netns (a stale bind mount target).
+    let bogus = TempDir::new("notns");
+    let file = bogus.0.join("ns");
+    std::fs::write(&file, "").unwrap();
+    let mut env = pod.env("DEL");
+    env.iter_mut().filter(|(k, _)| k == "CNI_NETNS").for_each(|(_, v)| *v = file.display().to_string());
+    let c = rt.list.conf_for(1, pod.result.as_ref(), None);
+    let inv = exec_plugin(Some(&t.node.path()), "portslice", &env, &c.to_string());
+    assert!(inv.ok(), "DEL with a corrupt netns path: {inv:?}");
+}
+
+/// After a failed ADD: the spec error, and nothing of ours in the pod or the datapath.
+fn assert_failed_cleanly(t: &Topology, pod: &CniPod, inv: &cni_common::Invocation, code: u64) {
+    assert_eq!(inv.error_code(), code, "{inv:?}");
+    assert!(leftovers(&pod.ns).is_empty(), "{:?}", leftovers(&pod.ns));
+    assert_eq!(sysctl_in(&pod.ns, "net.ipv4.ip_local_port_range"), DEFAULT_RANGE);
+    assert!(!datapath_has(t, &pod.container_id));
+}
+
+/// ptp ADD for `pod`, returning its result (the prevResult portslice sees).
+fn ptp_add(t: &Topology, rt: &Runtime<'_>, pod: &mut CniPod) -> Value {
+    let conf = rt.list.conf_for(0, None, pod.runtime_config.as_ref());
+    let inv = exec_plugin(Some(&t.node.path()), "ptp", &pod.env("ADD"), &conf.to_string());
+    assert!(inv.ok(), "ptp ADD: {inv:?}");
+    pod.result = Some(inv.json());
+    inv.json()
+}
+
+#[test]
+fn a_second_sliver_of_a_slice_on_one_node_is_refused_and_leaves_nothing() {
+    if !require_root("second_sliver") {
+        return;
+    }
+    let t = Topology::new();
+    let ipam = TempDir::new("ipam");
+    let rt = runtime(&t, "1.0.0", &ipam, json!({"slices": {"media": "41600-41699"}}));
+    let mut a = CniPod::new("PORTSLICE_SLICE=media");
+    rt.add(&mut a).expect("first sliver");
+    let mut b = CniPod::new("PORTSLICE_SLICE=media");
+    let prev = ptp_add(&t, &rt, &mut b);
+    let inv = rt.exec_last(&b, "ADD", Some(&prev));
+    assert_failed_cleanly(&t, &b, &inv, 102);
+    assert!(inv.json()["msg"].as_str().unwrap().contains("already has a pod on this node"), "{inv:?}");
+    // A different slice name claiming overlapping ports is refused the same way.
+    let mut c = CniPod::new("PORTSLICE_RANGE=41650-41750");
+    let prev = ptp_add(&t, &rt, &mut c);
+    assert_failed_cleanly(&t, &c, &rt.exec_last(&c, "ADD", Some(&prev)), 102);
+    assert_reachable(&t, &a, 41610);
+    for p in [&a, &b, &c] {
+        rt.del(p).expect("DEL");
+    }
+}
+
+#[test]
+fn failed_adds_get_their_code_and_leave_nothing_behind() {
+    if !require_root("failed_adds") {
+        return;
+    }
+    let t = Topology::new();
+    let ipam = TempDir::new("ipam");
+    // Datapath not loaded on the node.
+    let rt_nodp = runtime(&t, "1.0.0", &ipam, json!({"pinRoot": "/sys/fs/bpf/portslice-no-such-root"}));
+    let mut p = CniPod::new("PORTSLICE_RANGE=41700-41709");
+    let prev = ptp_add(&t, &rt_nodp, &mut p);
+    assert_failed_cleanly(&t, &p, &rt_nodp.exec_last(&p, "ADD", Some(&prev)), 105);
+    rt_nodp.del(&p).expect("DEL");
+
+    let rt = runtime(&t, "1.0.0", &ipam, json!({}));
+    // A static slice that does not exist.
+    let mut p = CniPod::new("PORTSLICE_SLICE=nope");
+    let prev = ptp_add(&t, &rt, &mut p);
+    assert_failed_cleanly(&t, &p, &rt.exec_last(&p, "ADD", Some(&prev)), 100);
+    rt.del(&p).expect("DEL");
+    // A range that is no range.
+    let mut p = CniPod::new("PORTSLICE_RANGE=70000-70001");
+    let prev = ptp_add(&t, &rt, &mut p);
+    assert_failed_cleanly(&t, &p, &rt.exec_last(&p, "ADD", Some(&prev)), 4);
+    rt.del(&p).expect("DEL");
+
+    // The API server does not answer: a listener in the node netns that accepts and stays mute.
+    let listener = t.node.enter(|| TcpListener::bind("127.0.0.1:0").expect("bind"));
+    let port = listener.local_addr().unwrap().port();
+    let dir = TempDir::new("kubeconfig");
+    let kubeconfig = dir.0.join("kubeconfig");
+    std::fs::write(&kubeconfig, format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:{port}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user:\n    token: x\n"
+    )).unwrap();
+    let rt_api = runtime(&t, "1.0.0", &ipam, json!({"kubeconfig": kubeconfig, "apiTimeoutMs": 300}));
+    let mut p = CniPod::new("");
+    let prev = ptp_add(&t, &rt_api, &mut p);
+    let inv = rt_api.exec_last(&p, "ADD", Some(&prev));
+    assert_failed_cleanly(&t, &p, &inv, 11);
+    assert!(inv.elapsed.as_millis() < 3000, "the timeout bounds ADD: {:?}", inv.elapsed);
+    rt_api.del(&p).expect("DEL");
+    drop(listener);
+}
+
+#[test]
+fn a_late_failure_undoes_the_pod_netns_wiring() {
+    if !require_root("late_failure") {
+        return;
+    }
+    // A veth whose peer stays inside the pod: the wiring inside the pod succeeds, then there is
+    // no host side to attach to the datapath, and everything done inside the pod must be undone.
+    let t = Topology::new();
+    let pod = CniPod::new("PORTSLICE_RANGE=41800-41809");
+    pod.ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
+    pod.ns.ip(&["link", "set", "eth1", "up"]);
+    pod.ns.ip(&["addr", "add", "10.245.9.2/24", "dev", "eth0"]);
+    pod.ns.ip(&["link", "set", "eth0", "up"]);
+    pod.ns.ip(&["route", "add", "default", "via", "10.245.9.1", "dev", "eth0"]);
+    let before = (pod.ns.ip(&["-4", "addr"]), pod.ns.ip(&["-4", "route"]), pod.ns.ip(&["-4", "rule"]));
+    let prev = json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "eth0", "sandbox": pod.ns.path()}],
+        "ips": [{"address": "10.245.9.2/24", "gateway": "10.245.9.1", "interface": 0}],
+    });
+    let mut c = portslice_conf(&t);
+    c["cniVersion"] = json!("1.0.0");
+    c["name"] = json!("late");
+    c["prevResult"] = prev;
+    let inv = exec_plugin(Some(&t.node.path()), "portslice", &pod.env("ADD"), &c.to_string());
+    assert_eq!(inv.error_code(), 107, "{inv:?}");
+    assert!(!datapath_has(&t, &pod.container_id));
+    let after = (pod.ns.ip(&["-4", "addr"]), pod.ns.ip(&["-4", "route"]), pod.ns.ip(&["-4", "rule"]));
+    assert_eq!(before, after, "the pod's netns is as it was");
+    assert_eq!(sysctl_in(&pod.ns, "net.ipv4.ip_local_port_range"), DEFAULT_RANGE);
+}
+
+#[test]
+fn slices_with_low_ports_or_ending_at_65535_are_wired() {
+    if !require_root("edge_ranges") {
+        return;
+    }
+    let t = Topology::new();
+    let ipam = TempDir::new("ipam");
+    let rt = runtime(&t, "1.0.0", &ipam, json!({}));
+    let mut low = CniPod::new("PORTSLICE_RANGE=80-89");
+    rt.add(&mut low).unwrap_or_else(|e| panic!("ADD of 80-89: {e:?}"));
+    assert_eq!(sysctl_in(&low.ns, "net.ipv4.ip_unprivileged_port_start"), "80");
+    assert_eq!(sysctl_in(&low.ns, "net.ipv4.ip_local_port_range"), "80 89");
+    rt.check(&low).expect("CHECK 80-89");
+    let mut high = CniPod::new("PORTSLICE_RANGE=65530-65535");
+    rt.add(&mut high).unwrap_or_else(|e| panic!("ADD of 65530-65535: {e:?}"));
+    let rules = high.ns.ip(&["rule"]);
+    assert!(!rules.contains("65535"), "no fib-rule range ends at 65535: {rules}");
+    assert!(rules.contains("dport 1-65529 lookup main"), "{rules}");
+    rt.check(&high).expect("CHECK 65530-65535");
+    for p in [&low, &high] {
+        rt.del(p).expect("DEL");
+    }
+}
+
+#[test]
+fn the_slice_annotation_comes_from_the_runtime_capability_through_cnitool() {
+    if !require_root("cnitool") {
+        return;
+    }
+    let cnitool = std::path::PathBuf::from(std::env::var("TOOLS_BIN").unwrap_or_else(|_| "/var/cache/portslice/bin".into())).join("cnitool");
+    if !cnitool.exists() {
+        panic!("{} is missing: run e2e/scripts/build-tools.sh cnitool", cnitool.display());
+    }
+    let t = Topology::new();
+    let ipam = TempDir::new("ipam");
+    let mut ps = portslice_conf(&t);
+    ps["slices"] = json!({"test/media": "41900-41999"});
+    ps["capabilities"] = json!({"io.kubernetes.cri.pod-annotations": true});
+    let list = Conflist::ptp("1.0.0", &ipam.0, ps);
+    let netdir = TempDir::new("netconf");
+    std::fs::write(netdir.0.join("10-test.conflist"), list.to_json().to_string()).unwrap();
+    let pod = support::Netns::new("pst");
+    let bin_dir = support::daemon_binary().parent().unwrap().display().to_string();
+    let run = |verb: &str| {
+        let out = t
+            .node
+            .command(cnitool.to_str().unwrap())
+            .args([verb, &list.name, pod.path().to_str().unwrap()])
+            .env("NETCONFPATH", &netdir.0)
+            .env("CNI_PATH", format!("/usr/lib/cni:{bin_dir}"))
+            .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=test;K8S_POD_NAME=web")
+            .env("CAP_ARGS", json!({"io.kubernetes.cri.pod-annotations": {"portslice.io/slice": "media"}}).to_string())
+            .output()
+            .expect("cnitool");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, out, err) = run("add");
+    assert!(ok, "cnitool add: {out} {err}");
+    let result: Value = serde_json::from_str(&out).expect("cnitool prints the result");
+    assert_eq!(result["ips"][1]["address"], format!("{NODE_IP}/32"), "{result}");
+    assert_eq!(sysctl_in(&pod, "net.ipv4.ip_local_port_range"), "41900 41999");
+    let (ok, out, err) = run("check");
+    assert!(ok, "cnitool check: {out} {err}");
+    let (ok, out, err) = run("del");
+    assert!(ok, "cnitool del: {out} {err}");
+    let left = t.with_datapath(|dp| dp.list_pods().unwrap().len());
+    assert_eq!(left, 0, "cnitool del removed the datapath entry");
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Datapath benchmark (issue 4): host networking vs a slice pod vs a pod behind the reference
+# portmap plugin's NAT, then with 10,000 ports allocated (10,000-port slice vs 10,000 iptables
+# DNAT rules vs one nftables DNAT rule over a 10,000-entry map), plus the datapath part of CNI
+# ADD/DEL. Everything runs in network namespaces it creates (tests/support in cni-plugin).
+#
+#   e2e/scripts/bench-datapath.sh           full run (5 s per measurement), writes the table into
+#                                           docs/BENCHMARKS.md between the datapath-bench markers
+#   e2e/scripts/bench-datapath.sh --quick   short run for CI: prints the table, asserts nothing
+#                                           about speed, writes nothing
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+quick=0
+for arg in "$@"; do
+    case "$arg" in
+        --quick) quick=1 ;;
+        *) die "unknown argument $arg (use --quick)" ;;
+    esac
+done
+[ "$(id -u)" -eq 0 ] || die "the datapath benchmark needs root (network namespaces, eBPF)"
+
+stage "install tools" apt_install clang llvm libbpf-dev iproute2 iperf3 conntrack iptables nftables \
+    containernetworking-plugins util-linux
+stage "bpffs" ensure_bpffs
+
+cd "$REPO_ROOT"
+# Release build: the clients and servers of the benchmark are Rust code in the test binary.
+stage "build" cargo test -p portslice-cni --release --test datapath_bench --no-run
+
+run_bench() {
+    if [ "$quick" -eq 1 ]; then
+        PORTSLICE_BENCH_QUICK=1 cargo test -p portslice-cni --release --test datapath_bench \
+            -- --ignored --nocapture --test-threads=1
+    else
+        PORTSLICE_BENCH_OUT="$REPO_ROOT/docs/BENCHMARKS.md" cargo test -p portslice-cni --release \
+            --test datapath_bench -- --ignored --nocapture --test-threads=1
+    fi
+}
+stage "datapath benchmark" run_bench

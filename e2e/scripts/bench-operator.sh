@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Benchmark: time, API-server requests and operator memory to allocate 1,000 and 10,000 slices
+# against a real kube-apiserver + etcd on this machine (a fresh one per run). Prints a table and
+# writes it to the operator section of docs/BENCHMARKS.md.
+#
+# usage: bench-operator.sh [--quick]     (--quick: 200 slices, for CI; does not touch the docs)
+#        BENCH_COUNTS="1000 10000" bench-operator.sh
+# Targets: 10,000 slices allocated with zero overlap in under 60 s; operator RSS under 50 MB.
+source "$(dirname "$0")/lib.sh"
+cd "$REPO_ROOT"
+
+quick=false
+[ "${1:-}" = "--quick" ] && quick=true
+if $quick; then counts=${BENCH_COUNTS:-200}; else counts=${BENCH_COUNTS:-1000 10000}; fi
+DOC=docs/BENCHMARKS.md
+BEGIN='<!-- operator-bench:begin -->'
+END='<!-- operator-bench:end -->'
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/portslice-bench.XXXXXX")
+op_pid=""
+cleanup() {
+    [ -n "$op_pid" ] && kill "$op_pid" 2>/dev/null || true
+    for d in "$work"/api-*; do [ -d "$d" ] && bash e2e/scripts/apiserver.sh stop "$d"; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+stage "build operator (release)" cargo build --release -q -p portslice-operator --bin portslice-operator --example bench
+OPERATOR=target/release/portslice-operator
+BENCH=target/release/examples/bench
+
+# Sum of apiserver_request_total, grouped by "VERB resource[/subresource]".
+request_counts() {
+    local dir=$1 server
+    server=$(sed -n 's/^ *server: //p' "$dir/kubeconfig")
+    curl -sf --cacert "$dir/ca.crt" --cert "$dir/pki/admin.crt" --key "$dir/pki/admin.key" "$server/metrics" |
+        python3 -c '
+import re, sys, collections
+c = collections.Counter()
+for line in sys.stdin:
+    if not line.startswith("apiserver_request_total{"): continue
+    labels = dict(re.findall(r"(\w+)=\"([^\"]*)\"", line))
+    res = labels.get("resource", "") + ("/" + labels["subresource"] if labels.get("subresource") else "")
+    c[labels.get("verb", "") + " " + res] += float(line.rsplit(" ", 1)[1])
+for k, v in sorted(c.items()): print(f"{k}\t{int(v)}")
+'
+}
+
+# Requests made during the run: after minus before, for the resources the benchmark touches.
+request_delta() {
+    python3 - "$1" "$2" <<'EOF'
+import sys
+def load(p):
+    d = {}
+    for line in open(p):
+        k, v = line.rstrip("\n").split("\t"); d[k] = int(v)
+    return d
+a, b = load(sys.argv[1]), load(sys.argv[2])
+keep = ("portslices", "events", "leases")
+delta = {k: b[k] - a.get(k, 0) for k in b if k.split(" ")[1].split("/")[0] in keep and b[k] - a.get(k, 0) > 0}
+total = sum(delta.values())
+print(total)
+print(", ".join(f"{k} {v}" for k, v in sorted(delta.items(), key=lambda kv: -kv[1])))
+EOF
+}
+
+proc_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
+
+results=()
+for n in $counts; do
+    dir="$work/api-$n"
+    stage "start kube-apiserver + etcd ($n)" bash e2e/scripts/apiserver.sh start "$dir"
+    export KUBECONFIG="$dir/kubeconfig"
+    "$OPERATOR" --metrics-addr 127.0.0.1:0 --lease-namespace default --concurrency 64 \
+        >"$work/operator-$n.log" 2>&1 &
+    op_pid=$!
+    request_counts "$dir" > "$work/before-$n.tsv"
+    log "creating $n slices"
+    out=$("$BENCH" --crd crds/portslice.io_portslices.yaml --namespace bench --count "$n" --timeout-secs 600) ||
+        { tail -20 "$work/operator-$n.log" >&2; die "benchmark with $n slices failed"; }
+    request_counts "$dir" > "$work/after-$n.tsv"
+    hwm=$(proc_kb "$op_pid" VmHWM); rss=$(proc_kb "$op_pid" VmRSS)
+    kill -TERM "$op_pid"; wait "$op_pid" || die "operator did not exit cleanly on SIGTERM"; op_pid=""
+    { read -r total; read -r breakdown; } < <(request_delta "$work/before-$n.tsv" "$work/after-$n.tsv")
+    secs=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["allocated_secs"])' "$out")
+    overlaps=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["overlaps"])' "$out")
+    log "$n slices: $out; requests $total ($breakdown); RSS ${rss} kB (peak ${hwm} kB)"
+    results+=("| $n | $secs | $overlaps | $total | $(python3 -c "print(f'{$total/$n:.1f}')") | $((rss / 1024)) | $((hwm / 1024)) |")
+    bash e2e/scripts/apiserver.sh stop "$dir"
+    breakdowns+=("- $n slices: $breakdown")
+done
+
+table=$(
+    echo "Allocating N PortSlices (size 1, pool 40000-59999) against a local kube-apiserver $K8S_VERSION + etcd $(etcd --version 2>/dev/null | sed -n 's/^etcd Version: //p');"
+    echo "slices created by 64 concurrent clients; time from the first create until every slice holds a range."
+    echo "Requests: apiserver_request_total for portslices, events and leases (all clients, including the N creates)."
+    echo
+    echo "| slices | seconds until all allocated | overlaps | API requests | requests / slice | operator RSS (MB) | peak RSS (MB) |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|"
+    printf '%s\n' "${results[@]}"
+    echo
+    echo "Request breakdown:"
+    printf '%s\n' "${breakdowns[@]}"
+    echo
+    echo "Measured $(date -u +%Y-%m-%d) on $(uname -n): $(nproc) cores ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), $(free -g | awk '/^Mem:/ {print $2}') GB RAM, kernel $(uname -r). Targets: 10,000 in < 60 s, RSS < 50 MB."
+)
+echo
+echo "$table"
+
+if ! $quick; then
+    mkdir -p docs
+    [ -f "$DOC" ] || printf '# Benchmarks\n\n' > "$DOC"
+    if ! grep -qF "$BEGIN" "$DOC"; then
+        printf '\n## Operator\n\n%s\n%s\n' "$BEGIN" "$END" >> "$DOC"
+    fi
+    python3 - "$DOC" "$BEGIN" "$END" "$table" <<'EOF'
+import sys
+path, begin, end, table = sys.argv[1:5]
+text = open(path).read()
+head, rest = text.split(begin, 1)
+_, tail = rest.split(end, 1)
+open(path, "w").write(f"{head}{begin}\n{table}\n{end}{tail}")
+EOF
+    log "wrote the operator section of $DOC"
+fi
