@@ -8,7 +8,8 @@ mod support;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 
 use cni_common::{
-    CniPod, Conflist, Runtime, TempDir, datapath_has, exec_plugin, leftovers, portslice_conf, sysctl_in,
+    CniPod, Conflist, Runtime, TempDir, datapath_has, exec_plugin, leftovers, portslice_conf,
+    sysctl_in,
 };
 use serde_json::{Value, json};
 use support::traffic::{tcp_request, tcp_server, udp_request, udp_server};
@@ -21,17 +22,26 @@ fn runtime<'a>(t: &'a Topology, version: &str, ipam: &TempDir, extra: Value) -> 
     for (k, v) in extra.as_object().into_iter().flatten() {
         ps[k] = v.clone();
     }
-    Runtime { node: &t.node, list: Conflist::ptp(version, &ipam.0, ps) }
+    Runtime {
+        node: &t.node,
+        list: Conflist::ptp(version, &ipam.0, ps),
+    }
 }
 
 /// remote -> node IP:port reaches the pod (TCP and UDP).
 fn assert_reachable(t: &Topology, pod: &CniPod, port: u16) {
     let _tcp = tcp_server(&pod.ns, Ipv4Addr::UNSPECIFIED, port, "pod");
     let _udp = udp_server(&pod.ns, Ipv4Addr::UNSPECIFIED, port, "pod");
-    let r = tcp_request(&t.remote, SocketAddrV4::new(NODE_IP, port), None).expect("TCP remote -> node IP:slice port");
+    let r = tcp_request(&t.remote, SocketAddrV4::new(NODE_IP, port), None)
+        .expect("TCP remote -> node IP:slice port");
     assert!(r.starts_with(&format!("pod {REMOTE_IP}:")), "{r}");
-    let r = udp_request(&t.remote, SocketAddrV4::new(REMOTE_IP, 0), SocketAddrV4::new(NODE_IP, port), 8)
-        .expect("UDP remote -> node IP:slice port");
+    let r = udp_request(
+        &t.remote,
+        SocketAddrV4::new(REMOTE_IP, 0),
+        SocketAddrV4::new(NODE_IP, port),
+        8,
+    )
+    .expect("UDP remote -> node IP:slice port");
     assert!(r.starts_with(&format!("pod {REMOTE_IP}:")), "{r}");
 }
 
@@ -46,18 +56,31 @@ fn add_check_del_through_ptp_at_0_4_0_and_1_0_0() {
         let rt = runtime(&t, version, &ipam, json!({}));
         let start = 41000 + 100 * i as u16;
         let mut pod = CniPod::new(&format!("PORTSLICE_RANGE={start}-{}", start + 99));
-        let result = rt.add(&mut pod).unwrap_or_else(|e| panic!("ADD at {version}: {e:?}"));
+        let result = rt
+            .add(&mut pod)
+            .unwrap_or_else(|e| panic!("ADD at {version}: {e:?}"));
         assert_eq!(result["cniVersion"], version);
         let ips = result["ips"].as_array().unwrap();
         assert_eq!(ips.len(), 2, "{result}");
-        assert!(ips[0]["address"].as_str().unwrap().starts_with("10.245.0."), "private address stays first: {result}");
+        assert!(
+            ips[0]["address"].as_str().unwrap().starts_with("10.245.0."),
+            "private address stays first: {result}"
+        );
         assert_eq!(ips[1]["address"], format!("{NODE_IP}/32"));
         assert_eq!(ips[1]["interface"], ips[0]["interface"]);
-        assert_eq!(ips[1].get("version").is_some(), version == "0.4.0", "{result}");
-        assert_eq!(sysctl_in(&pod.ns, "net.ipv4.ip_local_port_range"), format!("{start} {}", start + 99));
+        assert_eq!(
+            ips[1].get("version").is_some(),
+            version == "0.4.0",
+            "{result}"
+        );
+        assert_eq!(
+            sysctl_in(&pod.ns, "net.ipv4.ip_local_port_range"),
+            format!("{start} {}", start + 99)
+        );
         assert!(datapath_has(&t, &pod.container_id));
         assert_reachable(&t, &pod, start + 10);
-        rt.check(&pod).unwrap_or_else(|e| panic!("CHECK at {version}: {e:?}"));
+        rt.check(&pod)
+            .unwrap_or_else(|e| panic!("CHECK at {version}: {e:?}"));
 
         let inv = rt.exec_last(&pod, "DEL", pod.result.as_ref());
         assert!(inv.ok() && inv.stdout.is_empty(), "{inv:?}");
@@ -81,34 +104,67 @@ fn add_at_1_1_0_then_gc_removes_only_stale_attachments_and_status_reports_ready(
     for range in ["41200-41209", "41210-41219"] {
         let mut pod = CniPod::new(&format!("PORTSLICE_RANGE={range}"));
         let conf = rt10.list.conf_for(0, None, None);
-        let ptp = exec_plugin(Some(&t.node.path()), "ptp", &pod.env("ADD"), &conf.to_string());
+        let ptp = exec_plugin(
+            Some(&t.node.path()),
+            "ptp",
+            &pod.env("ADD"),
+            &conf.to_string(),
+        );
         assert!(ptp.ok(), "{ptp:?}");
         let mut prev = ptp.json();
         prev["cniVersion"] = json!("1.1.0");
         let mut c = rt10.list.conf_for(1, Some(&prev), None);
         c["cniVersion"] = json!("1.1.0");
-        let inv = exec_plugin(Some(&t.node.path()), "portslice", &pod.env("ADD"), &c.to_string());
+        let inv = exec_plugin(
+            Some(&t.node.path()),
+            "portslice",
+            &pod.env("ADD"),
+            &c.to_string(),
+        );
         assert!(inv.ok(), "{inv:?}");
         assert_eq!(inv.json()["cniVersion"], "1.1.0");
         pod.result = Some(inv.json());
         pods.push(pod);
     }
-    let gc_env = vec![("CNI_COMMAND".to_string(), "GC".to_string()), ("CNI_PATH".to_string(), "/usr/lib/cni".to_string())];
+    let gc_env = vec![
+        ("CNI_COMMAND".to_string(), "GC".to_string()),
+        ("CNI_PATH".to_string(), "/usr/lib/cni".to_string()),
+    ];
     let mut c = portslice_conf(&t);
     c["cniVersion"] = json!("1.1.0");
     c["name"] = json!(rt10.list.name);
-    c["cni.dev/valid-attachments"] = json!([{"containerID": pods[0].container_id, "ifname": "eth0"}]);
+    c["cni.dev/valid-attachments"] =
+        json!([{"containerID": pods[0].container_id, "ifname": "eth0"}]);
     let inv = exec_plugin(Some(&t.node.path()), "portslice", &gc_env, &c.to_string());
     assert!(inv.ok() && inv.stdout.trim().is_empty(), "{inv:?}");
-    assert!(datapath_has(&t, &pods[0].container_id), "a valid attachment survives GC");
-    assert!(!datapath_has(&t, &pods[1].container_id), "a stale attachment is removed by GC");
+    assert!(
+        datapath_has(&t, &pods[0].container_id),
+        "a valid attachment survives GC"
+    );
+    assert!(
+        !datapath_has(&t, &pods[1].container_id),
+        "a stale attachment is removed by GC"
+    );
     assert_reachable(&t, &pods[0], 41205);
 
-    let status_env = vec![("CNI_COMMAND".to_string(), "STATUS".to_string()), ("CNI_PATH".to_string(), "/usr/lib/cni".to_string())];
-    let inv = exec_plugin(Some(&t.node.path()), "portslice", &status_env, &c.to_string());
+    let status_env = vec![
+        ("CNI_COMMAND".to_string(), "STATUS".to_string()),
+        ("CNI_PATH".to_string(), "/usr/lib/cni".to_string()),
+    ];
+    let inv = exec_plugin(
+        Some(&t.node.path()),
+        "portslice",
+        &status_env,
+        &c.to_string(),
+    );
     assert!(inv.ok() && inv.stdout.trim().is_empty(), "{inv:?}");
     c["pinRoot"] = json!("/sys/fs/bpf/portslice-no-such-root");
-    let inv = exec_plugin(Some(&t.node.path()), "portslice", &status_env, &c.to_string());
+    let inv = exec_plugin(
+        Some(&t.node.path()),
+        "portslice",
+        &status_env,
+        &c.to_string(),
+    );
     assert_eq!(inv.error_code(), 50, "{inv:?}");
     for pod in &pods {
         rt10.del(pod).expect("DEL");
@@ -125,17 +181,35 @@ fn a_pod_without_a_slice_passes_through_unchanged() {
     let rt = runtime(&t, "1.0.0", &ipam, json!({}));
     let mut pod = CniPod::new("");
     let conf = rt.list.conf_for(0, None, None);
-    let ptp = exec_plugin(Some(&t.node.path()), "ptp", &pod.env("ADD"), &conf.to_string());
+    let ptp = exec_plugin(
+        Some(&t.node.path()),
+        "ptp",
+        &pod.env("ADD"),
+        &conf.to_string(),
+    );
     assert!(ptp.ok(), "{ptp:?}");
     let inv = rt.exec_last(&pod, "ADD", Some(&ptp.json()));
     assert!(inv.ok(), "{inv:?}");
-    assert_eq!(inv.json(), ptp.json(), "prevResult passes through unchanged");
+    assert_eq!(
+        inv.json(),
+        ptp.json(),
+        "prevResult passes through unchanged"
+    );
     pod.result = Some(inv.json());
     assert!(leftovers(&pod.ns).is_empty());
-    assert_eq!(sysctl_in(&pod.ns, "net.ipv4.ip_local_port_range"), DEFAULT_RANGE);
+    assert_eq!(
+        sysctl_in(&pod.ns, "net.ipv4.ip_local_port_range"),
+        DEFAULT_RANGE
+    );
     // The datapath knows its host veth (matrix row 4), with no slice.
     let id = pod.container_id.clone();
-    let slice = t.with_datapath(move |dp| dp.list_pods().unwrap().into_iter().find(|p| p.container_id == id).map(|p| p.slice));
+    let slice = t.with_datapath(move |dp| {
+        dp.list_pods()
+            .unwrap()
+            .into_iter()
+            .find(|p| p.container_id == id)
+            .map(|p| p.slice)
+    });
     assert_eq!(slice, Some(None));
     rt.check(&pod).expect("CHECK of a plain pod");
     rt.del(&pod).expect("DEL");
@@ -154,12 +228,15 @@ fn bridge_chain_wires_a_slice_pod() {
         list: Conflist::bridge("1.0.0", &ipam.0, "psbr0", portslice_conf(&t)),
     };
     let mut pod = CniPod::new("PORTSLICE_RANGE=41300-41399");
-    rt.add(&mut pod).unwrap_or_else(|e| panic!("ADD behind bridge: {e:?}"));
+    rt.add(&mut pod)
+        .unwrap_or_else(|e| panic!("ADD behind bridge: {e:?}"));
     assert_reachable(&t, &pod, 41310);
     rt.check(&pod).expect("CHECK");
     rt.del(&pod).expect("DEL");
     assert!(!datapath_has(&t, &pod.container_id));
-    let _ = std::process::Command::new("ip").args(["-n", &t.node.name, "link", "del", "psbr0"]).status();
+    let _ = std::process::Command::new("ip")
+        .args(["-n", &t.node.name, "link", "del", "psbr0"])
+        .status();
 }
 
 #[test]
@@ -185,7 +262,8 @@ fn check_detects_a_removed_rule_address_sysctl_and_datapath_entry() {
     pod.ns.ip(&["rule", "del", "pref", "101"]);
     check("removing the TCP rule");
     redo(&pod);
-    pod.ns.ip(&["addr", "del", &format!("{NODE_IP}/32"), "dev", "eth0"]);
+    pod.ns
+        .ip(&["addr", "del", &format!("{NODE_IP}/32"), "dev", "eth0"]);
     check("removing the node address");
     redo(&pod);
     pod.ns.sysctl("net.ipv4.ip_local_port_range", DEFAULT_RANGE);
@@ -207,7 +285,10 @@ fn del_succeeds_when_the_netns_is_gone() {
     let rt = runtime(&t, "1.0.0", &ipam, json!({}));
     let mut pod = CniPod::new("PORTSLICE_RANGE=41500-41509");
     rt.add(&mut pod).expect("ADD");
-    std::process::Command::new("ip").args(["netns", "del", &pod.ns.name]).status().expect("ip netns del");
+    std::process::Command::new("ip")
+        .args(["netns", "del", &pod.ns.name])
+        .status()
+        .expect("ip netns del");
     for _ in 0..2 {
         let inv = rt.exec_last(&pod, "DEL", pod.result.as_ref());
         assert!(inv.ok(), "DEL with the netns gone: {inv:?}");
@@ -218,7 +299,9 @@ fn del_succeeds_when_the_netns_is_gone() {
     let file = bogus.0.join("ns");
     std::fs::write(&file, "").unwrap();
     let mut env = pod.env("DEL");
-    env.iter_mut().filter(|(k, _)| k == "CNI_NETNS").for_each(|(_, v)| *v = file.display().to_string());
+    env.iter_mut()
+        .filter(|(k, _)| k == "CNI_NETNS")
+        .for_each(|(_, v)| *v = file.display().to_string());
     let c = rt.list.conf_for(1, pod.result.as_ref(), None);
     let inv = exec_plugin(Some(&t.node.path()), "portslice", &env, &c.to_string());
     assert!(inv.ok(), "DEL with a corrupt netns path: {inv:?}");
@@ -228,14 +311,22 @@ fn del_succeeds_when_the_netns_is_gone() {
 fn assert_failed_cleanly(t: &Topology, pod: &CniPod, inv: &cni_common::Invocation, code: u64) {
     assert_eq!(inv.error_code(), code, "{inv:?}");
     assert!(leftovers(&pod.ns).is_empty(), "{:?}", leftovers(&pod.ns));
-    assert_eq!(sysctl_in(&pod.ns, "net.ipv4.ip_local_port_range"), DEFAULT_RANGE);
+    assert_eq!(
+        sysctl_in(&pod.ns, "net.ipv4.ip_local_port_range"),
+        DEFAULT_RANGE
+    );
     assert!(!datapath_has(t, &pod.container_id));
 }
 
 /// ptp ADD for `pod`, returning its result (the prevResult portslice sees).
 fn ptp_add(t: &Topology, rt: &Runtime<'_>, pod: &mut CniPod) -> Value {
     let conf = rt.list.conf_for(0, None, pod.runtime_config.as_ref());
-    let inv = exec_plugin(Some(&t.node.path()), "ptp", &pod.env("ADD"), &conf.to_string());
+    let inv = exec_plugin(
+        Some(&t.node.path()),
+        "ptp",
+        &pod.env("ADD"),
+        &conf.to_string(),
+    );
     assert!(inv.ok(), "ptp ADD: {inv:?}");
     pod.result = Some(inv.json());
     inv.json()
@@ -248,14 +339,25 @@ fn a_second_sliver_of_a_slice_on_one_node_is_refused_and_leaves_nothing() {
     }
     let t = Topology::new();
     let ipam = TempDir::new("ipam");
-    let rt = runtime(&t, "1.0.0", &ipam, json!({"slices": {"media": "41600-41699"}}));
+    let rt = runtime(
+        &t,
+        "1.0.0",
+        &ipam,
+        json!({"slices": {"media": "41600-41699"}}),
+    );
     let mut a = CniPod::new("PORTSLICE_SLICE=media");
     rt.add(&mut a).expect("first sliver");
     let mut b = CniPod::new("PORTSLICE_SLICE=media");
     let prev = ptp_add(&t, &rt, &mut b);
     let inv = rt.exec_last(&b, "ADD", Some(&prev));
     assert_failed_cleanly(&t, &b, &inv, 102);
-    assert!(inv.json()["msg"].as_str().unwrap().contains("already has a pod on this node"), "{inv:?}");
+    assert!(
+        inv.json()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("already has a pod on this node"),
+        "{inv:?}"
+    );
     // A different slice name claiming overlapping ports is refused the same way.
     let mut c = CniPod::new("PORTSLICE_RANGE=41650-41750");
     let prev = ptp_add(&t, &rt, &mut c);
@@ -274,7 +376,12 @@ fn failed_adds_get_their_code_and_leave_nothing_behind() {
     let t = Topology::new();
     let ipam = TempDir::new("ipam");
     // Datapath not loaded on the node.
-    let rt_nodp = runtime(&t, "1.0.0", &ipam, json!({"pinRoot": "/sys/fs/bpf/portslice-no-such-root"}));
+    let rt_nodp = runtime(
+        &t,
+        "1.0.0",
+        &ipam,
+        json!({"pinRoot": "/sys/fs/bpf/portslice-no-such-root"}),
+    );
     let mut p = CniPod::new("PORTSLICE_RANGE=41700-41709");
     let prev = ptp_add(&t, &rt_nodp, &mut p);
     assert_failed_cleanly(&t, &p, &rt_nodp.exec_last(&p, "ADD", Some(&prev)), 105);
@@ -293,19 +400,30 @@ fn failed_adds_get_their_code_and_leave_nothing_behind() {
     rt.del(&p).expect("DEL");
 
     // The API server does not answer: a listener in the node netns that accepts and stays mute.
-    let listener = t.node.enter(|| TcpListener::bind("127.0.0.1:0").expect("bind"));
+    let listener = t
+        .node
+        .enter(|| TcpListener::bind("127.0.0.1:0").expect("bind"));
     let port = listener.local_addr().unwrap().port();
     let dir = TempDir::new("kubeconfig");
     let kubeconfig = dir.0.join("kubeconfig");
     std::fs::write(&kubeconfig, format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:{port}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user:\n    token: x\n"
     )).unwrap();
-    let rt_api = runtime(&t, "1.0.0", &ipam, json!({"kubeconfig": kubeconfig, "apiTimeoutMs": 300}));
+    let rt_api = runtime(
+        &t,
+        "1.0.0",
+        &ipam,
+        json!({"kubeconfig": kubeconfig, "apiTimeoutMs": 300}),
+    );
     let mut p = CniPod::new("");
     let prev = ptp_add(&t, &rt_api, &mut p);
     let inv = rt_api.exec_last(&p, "ADD", Some(&prev));
     assert_failed_cleanly(&t, &p, &inv, 11);
-    assert!(inv.elapsed.as_millis() < 3000, "the timeout bounds ADD: {:?}", inv.elapsed);
+    assert!(
+        inv.elapsed.as_millis() < 3000,
+        "the timeout bounds ADD: {:?}",
+        inv.elapsed
+    );
     rt_api.del(&p).expect("DEL");
     drop(listener);
 }
@@ -319,12 +437,26 @@ fn a_late_failure_undoes_the_pod_netns_wiring() {
     // no host side to attach to the datapath, and everything done inside the pod must be undone.
     let t = Topology::new();
     let pod = CniPod::new("PORTSLICE_RANGE=41800-41809");
-    pod.ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
+    pod.ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
     pod.ns.ip(&["link", "set", "eth1", "up"]);
     pod.ns.ip(&["addr", "add", "10.245.9.2/24", "dev", "eth0"]);
     pod.ns.ip(&["link", "set", "eth0", "up"]);
-    pod.ns.ip(&["route", "add", "default", "via", "10.245.9.1", "dev", "eth0"]);
-    let before = (pod.ns.ip(&["-4", "addr"]), pod.ns.ip(&["-4", "route"]), pod.ns.ip(&["-4", "rule"]));
+    pod.ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.245.9.1",
+        "dev",
+        "eth0",
+    ]);
+    let before = (
+        pod.ns.ip(&["-4", "addr"]),
+        pod.ns.ip(&["-4", "route"]),
+        pod.ns.ip(&["-4", "rule"]),
+    );
     let prev = json!({
         "cniVersion": "1.0.0",
         "interfaces": [{"name": "eth0", "sandbox": pod.ns.path()}],
@@ -334,12 +466,24 @@ fn a_late_failure_undoes_the_pod_netns_wiring() {
     c["cniVersion"] = json!("1.0.0");
     c["name"] = json!("late");
     c["prevResult"] = prev;
-    let inv = exec_plugin(Some(&t.node.path()), "portslice", &pod.env("ADD"), &c.to_string());
+    let inv = exec_plugin(
+        Some(&t.node.path()),
+        "portslice",
+        &pod.env("ADD"),
+        &c.to_string(),
+    );
     assert_eq!(inv.error_code(), 107, "{inv:?}");
     assert!(!datapath_has(&t, &pod.container_id));
-    let after = (pod.ns.ip(&["-4", "addr"]), pod.ns.ip(&["-4", "route"]), pod.ns.ip(&["-4", "rule"]));
+    let after = (
+        pod.ns.ip(&["-4", "addr"]),
+        pod.ns.ip(&["-4", "route"]),
+        pod.ns.ip(&["-4", "rule"]),
+    );
     assert_eq!(before, after, "the pod's netns is as it was");
-    assert_eq!(sysctl_in(&pod.ns, "net.ipv4.ip_local_port_range"), DEFAULT_RANGE);
+    assert_eq!(
+        sysctl_in(&pod.ns, "net.ipv4.ip_local_port_range"),
+        DEFAULT_RANGE
+    );
 }
 
 #[test]
@@ -351,14 +495,22 @@ fn slices_with_low_ports_or_ending_at_65535_are_wired() {
     let ipam = TempDir::new("ipam");
     let rt = runtime(&t, "1.0.0", &ipam, json!({}));
     let mut low = CniPod::new("PORTSLICE_RANGE=80-89");
-    rt.add(&mut low).unwrap_or_else(|e| panic!("ADD of 80-89: {e:?}"));
-    assert_eq!(sysctl_in(&low.ns, "net.ipv4.ip_unprivileged_port_start"), "80");
+    rt.add(&mut low)
+        .unwrap_or_else(|e| panic!("ADD of 80-89: {e:?}"));
+    assert_eq!(
+        sysctl_in(&low.ns, "net.ipv4.ip_unprivileged_port_start"),
+        "80"
+    );
     assert_eq!(sysctl_in(&low.ns, "net.ipv4.ip_local_port_range"), "80 89");
     rt.check(&low).expect("CHECK 80-89");
     let mut high = CniPod::new("PORTSLICE_RANGE=65530-65535");
-    rt.add(&mut high).unwrap_or_else(|e| panic!("ADD of 65530-65535: {e:?}"));
+    rt.add(&mut high)
+        .unwrap_or_else(|e| panic!("ADD of 65530-65535: {e:?}"));
     let rules = high.ns.ip(&["rule"]);
-    assert!(!rules.contains("65535"), "no fib-rule range ends at 65535: {rules}");
+    assert!(
+        !rules.contains("65535"),
+        "no fib-rule range ends at 65535: {rules}"
+    );
     assert!(rules.contains("dport 1-65529 lookup main"), "{rules}");
     rt.check(&high).expect("CHECK 65530-65535");
     for p in [&low, &high] {
@@ -371,9 +523,15 @@ fn the_slice_annotation_comes_from_the_runtime_capability_through_cnitool() {
     if !require_root("cnitool") {
         return;
     }
-    let cnitool = std::path::PathBuf::from(std::env::var("TOOLS_BIN").unwrap_or_else(|_| "/var/cache/portslice/bin".into())).join("cnitool");
+    let cnitool = std::path::PathBuf::from(
+        std::env::var("TOOLS_BIN").unwrap_or_else(|_| "/var/cache/portslice/bin".into()),
+    )
+    .join("cnitool");
     if !cnitool.exists() {
-        panic!("{} is missing: run e2e/scripts/build-tools.sh cnitool", cnitool.display());
+        panic!(
+            "{} is missing: run e2e/scripts/build-tools.sh cnitool",
+            cnitool.display()
+        );
     }
     let t = Topology::new();
     let ipam = TempDir::new("ipam");
@@ -382,9 +540,17 @@ fn the_slice_annotation_comes_from_the_runtime_capability_through_cnitool() {
     ps["capabilities"] = json!({"io.kubernetes.cri.pod-annotations": true});
     let list = Conflist::ptp("1.0.0", &ipam.0, ps);
     let netdir = TempDir::new("netconf");
-    std::fs::write(netdir.0.join("10-test.conflist"), list.to_json().to_string()).unwrap();
+    std::fs::write(
+        netdir.0.join("10-test.conflist"),
+        list.to_json().to_string(),
+    )
+    .unwrap();
     let pod = support::Netns::new("pst");
-    let bin_dir = support::daemon_binary().parent().unwrap().display().to_string();
+    let bin_dir = support::daemon_binary()
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
     let run = |verb: &str| {
         let out = t
             .node
@@ -392,21 +558,67 @@ fn the_slice_annotation_comes_from_the_runtime_capability_through_cnitool() {
             .args([verb, &list.name, pod.path().to_str().unwrap()])
             .env("NETCONFPATH", &netdir.0)
             .env("CNI_PATH", format!("/usr/lib/cni:{bin_dir}"))
-            .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=test;K8S_POD_NAME=web")
-            .env("CAP_ARGS", json!({"io.kubernetes.cri.pod-annotations": {"portslice.io/slice": "media"}}).to_string())
+            .env(
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=test;K8S_POD_NAME=web",
+            )
+            .env(
+                "CAP_ARGS",
+                json!({"io.kubernetes.cri.pod-annotations": {"portslice.io/slice": "media"}})
+                    .to_string(),
+            )
             .output()
             .expect("cnitool");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (ok, out, err) = run("add");
     assert!(ok, "cnitool add: {out} {err}");
     let result: Value = serde_json::from_str(&out).expect("cnitool prints the result");
-    assert_eq!(result["ips"][1]["address"], format!("{NODE_IP}/32"), "{result}");
-    assert_eq!(sysctl_in(&pod, "net.ipv4.ip_local_port_range"), "41900 41999");
+    assert_eq!(
+        result["ips"][1]["address"],
+        format!("{NODE_IP}/32"),
+        "{result}"
+    );
+    assert_eq!(
+        sysctl_in(&pod, "net.ipv4.ip_local_port_range"),
+        "41900 41999"
+    );
     let (ok, out, err) = run("check");
     assert!(ok, "cnitool check: {out} {err}");
     let (ok, out, err) = run("del");
     assert!(ok, "cnitool del: {out} {err}");
     let left = t.with_datapath(|dp| dp.list_pods().unwrap().len());
     assert_eq!(left, 0, "cnitool del removed the datapath entry");
+}
+
+/// Keeps the latency helper the datapath benchmark uses from rotting, and prints its numbers
+/// (`PORTSLICE_CNI_LATENCY_RUNS`, default 5; run with `--release -- --nocapture` to measure).
+#[test]
+fn cni_add_and_del_latency_is_measurable() {
+    if !require_root("cni_latency") {
+        return;
+    }
+    let t = Topology::new();
+    let runs = std::env::var("PORTSLICE_CNI_LATENCY_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let l = cni_common::latency::measure(&t, runs);
+    eprintln!(
+        "CNI latency, {runs} runs: portslice ADD p50 {:.1} ms p99 {:.1} ms, DEL p50 {:.1} ms p99 {:.1} ms; \
+         whole chain ADD p50 {:.1} ms p99 {:.1} ms, DEL p50 {:.1} ms p99 {:.1} ms",
+        l.add.p50_ms,
+        l.add.p99_ms,
+        l.del.p50_ms,
+        l.del.p99_ms,
+        l.chain_add.p50_ms,
+        l.chain_add.p99_ms,
+        l.chain_del.p50_ms,
+        l.chain_del.p99_ms
+    );
+    assert!(l.add.p50_ms > 0.0 && l.add.p99_ms >= l.add.p50_ms);
 }

@@ -8,7 +8,10 @@ use cni_common::exec_plugin;
 use serde_json::{Value, json};
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn add_env() -> Vec<(String, String)> {
@@ -29,7 +32,8 @@ fn conf(version: &str) -> Value {
 /// stdout holds exactly one JSON document: the error.
 fn assert_error(inv: &cni_common::Invocation, code: u64, version: &str) {
     assert_ne!(inv.code, 0, "{inv:?}");
-    let v: Value = serde_json::from_str(inv.stdout.trim()).unwrap_or_else(|e| panic!("stdout is not one JSON doc ({e}): {inv:?}"));
+    let v: Value = serde_json::from_str(inv.stdout.trim())
+        .unwrap_or_else(|e| panic!("stdout is not one JSON doc ({e}): {inv:?}"));
     assert_eq!(v["code"], code, "{inv:?}");
     assert_eq!(v["cniVersion"], version, "{inv:?}");
     assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()), "{inv:?}");
@@ -39,9 +43,17 @@ fn assert_error(inv: &cni_common::Invocation, code: u64, version: &str) {
 fn version_reports_every_supported_version_in_the_callers_version() {
     for v in ["0.4.0", "1.0.0", "1.1.0"] {
         let stdin = json!({"cniVersion": v}).to_string();
-        let inv = exec_plugin(None, "portslice", &env(&[("CNI_COMMAND", "VERSION")]), &stdin);
+        let inv = exec_plugin(
+            None,
+            "portslice",
+            &env(&[("CNI_COMMAND", "VERSION")]),
+            &stdin,
+        );
         assert!(inv.ok(), "{inv:?}");
-        assert_eq!(inv.json(), json!({"cniVersion": v, "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}));
+        assert_eq!(
+            inv.json(),
+            json!({"cniVersion": v, "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]})
+        );
     }
 }
 
@@ -60,7 +72,10 @@ fn missing_or_bad_environment_is_code_4() {
         let e: Vec<_> = add_env().into_iter().filter(|(k, _)| k != drop).collect();
         let inv = exec_plugin(None, "portslice", &e, &stdin);
         assert_error(&inv, 4, "1.0.0");
-        assert!(inv.json()["msg"].as_str().unwrap().contains(drop), "{inv:?}");
+        assert!(
+            inv.json()["msg"].as_str().unwrap().contains(drop),
+            "{inv:?}"
+        );
     }
     let mut e = add_env();
     e[0].1 = "FROB".into();
@@ -82,38 +97,67 @@ fn unsupported_version_is_code_1() {
 fn invalid_network_config_is_code_7_in_the_callers_version() {
     let mut c = conf("0.4.0");
     c.as_object_mut().unwrap().remove("nodeIP");
-    assert_error(&exec_plugin(None, "portslice", &add_env(), &c.to_string()), 7, "0.4.0");
+    assert_error(
+        &exec_plugin(None, "portslice", &add_env(), &c.to_string()),
+        7,
+        "0.4.0",
+    );
     let mut c = conf("1.0.0");
     c["clusterCIDRs"] = json!(["not-a-cidr"]);
-    assert_error(&exec_plugin(None, "portslice", &add_env(), &c.to_string()), 7, "1.0.0");
+    assert_error(
+        &exec_plugin(None, "portslice", &add_env(), &c.to_string()),
+        7,
+        "1.0.0",
+    );
     // A chained plugin's ADD without prevResult.
-    assert_error(&exec_plugin(None, "portslice", &add_env(), &conf("1.0.0").to_string()), 7, "1.0.0");
+    assert_error(
+        &exec_plugin(None, "portslice", &add_env(), &conf("1.0.0").to_string()),
+        7,
+        "1.0.0",
+    );
 }
 
 #[test]
 fn gc_and_status_need_1_1_0() {
     for verb in ["GC", "STATUS"] {
         let e = env(&[("CNI_COMMAND", verb), ("CNI_PATH", "/usr/lib/cni")]);
-        assert_error(&exec_plugin(None, "portslice", &e, &conf("1.0.0").to_string()), 1, "1.0.0");
+        assert_error(
+            &exec_plugin(None, "portslice", &e, &conf("1.0.0").to_string()),
+            1,
+            "1.0.0",
+        );
     }
 }
 
 #[test]
 fn status_without_the_datapath_is_code_50_and_gc_without_it_is_a_no_op() {
     let e = env(&[("CNI_COMMAND", "STATUS"), ("CNI_PATH", "/usr/lib/cni")]);
-    assert_error(&exec_plugin(None, "portslice", &e, &conf("1.1.0").to_string()), 50, "1.1.0");
+    assert_error(
+        &exec_plugin(None, "portslice", &e, &conf("1.1.0").to_string()),
+        50,
+        "1.1.0",
+    );
     let mut c = conf("1.1.0");
     c["cni.dev/valid-attachments"] = json!([]);
     let e = env(&[("CNI_COMMAND", "GC"), ("CNI_PATH", "/usr/lib/cni")]);
     let inv = exec_plugin(None, "portslice", &e, &c.to_string());
     assert!(inv.ok() && inv.stdout.trim().is_empty(), "{inv:?}");
     // GC without the list is refused rather than treated as "nothing is valid".
-    assert_error(&exec_plugin(None, "portslice", &e, &conf("1.1.0").to_string()), 7, "1.1.0");
+    assert_error(
+        &exec_plugin(None, "portslice", &e, &conf("1.1.0").to_string()),
+        7,
+        "1.1.0",
+    );
 }
 
 #[test]
 fn del_of_an_unknown_container_succeeds_without_output() {
-    let e = env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "never-added"), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/usr/lib/cni")]);
+    let e = env(&[
+        ("CNI_COMMAND", "DEL"),
+        ("CNI_CONTAINERID", "never-added"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/usr/lib/cni"),
+    ]);
     for _ in 0..2 {
         let inv = exec_plugin(None, "portslice", &e, &conf("1.0.0").to_string());
         assert!(inv.ok() && inv.stdout.is_empty(), "{inv:?}");

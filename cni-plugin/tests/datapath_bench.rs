@@ -35,9 +35,21 @@ impl Settings {
     fn from_env() -> Self {
         let quick = std::env::var("PORTSLICE_BENCH_QUICK").is_ok_and(|v| v == "1");
         if quick {
-            Self { quick, secs: 1, conn_runs: 1, rr_iterations: 500, conn_threads: 2 }
+            Self {
+                quick,
+                secs: 1,
+                conn_runs: 1,
+                rr_iterations: 500,
+                conn_threads: 2,
+            }
         } else {
-            Self { quick, secs: 5, conn_runs: 3, rr_iterations: 20_000, conn_threads: 4 }
+            Self {
+                quick,
+                secs: 5,
+                conn_runs: 3,
+                rr_iterations: 20_000,
+                conn_threads: 4,
+            }
         }
     }
 }
@@ -121,16 +133,27 @@ fn iperf(remote: &Netns, port: u16, args: &[&str], secs: u64) -> serde_json::Val
     let t = secs.to_string();
     let mut a = vec!["-c", "198.18.0.1", "-p", &p, "-t", &t, "-J"];
     a.extend_from_slice(args);
-    let out = remote.command("iperf3").args(&a).output().expect("iperf3 client");
+    let out = remote
+        .command("iperf3")
+        .args(&a)
+        .output()
+        .expect("iperf3 client");
     serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        panic!("iperf3 {a:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "iperf3 {a:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }
 
 fn tcp_gbps(remote: &Netns, port: u16, reverse: bool, secs: u64) -> f64 {
     let args: &[&str] = if reverse { &["-R"] } else { &[] };
     let j = iperf(remote, port, args, secs);
-    j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
+    j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
 }
 
 fn udp_kpps(remote: &Netns, port: u16, secs: u64) -> f64 {
@@ -206,8 +229,15 @@ fn latency(remote: &Netns, port: u16, iterations: usize) -> (f64, f64) {
 }
 
 fn conntrack_total(node: &Netns) -> usize {
-    let out = node.command("conntrack").args(["-C"]).output().expect("conntrack -C");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    let out = node
+        .command("conntrack")
+        .args(["-C"])
+        .output()
+        .expect("conntrack -C");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
 
 fn measure(t: &Topology, s: &Settings, scenario: &str, target: &Target) -> Row {
@@ -238,7 +268,15 @@ fn measure(t: &Topology, s: &Settings, scenario: &str, target: &Target) -> Row {
     };
     eprintln!(
         "  {:<28} {:<22} in {:6.2} Gb/s  out {:6.2} Gb/s  udp {:7.1} kpps  {:8.0} conn/s  p50 {:6.1} us  p99 {:6.1} us  conntrack +{}",
-        row.scenario, row.target, row.tcp_in_gbps, row.tcp_out_gbps, row.udp_kpps, row.conn_per_s, row.p50_us, row.p99_us, row.conntrack
+        row.scenario,
+        row.target,
+        row.tcp_in_gbps,
+        row.tcp_out_gbps,
+        row.udp_kpps,
+        row.conn_per_s,
+        row.p50_us,
+        row.p99_us,
+        row.conntrack
     );
     row
 }
@@ -273,9 +311,18 @@ fn portmap(t: &Topology, verb: &str, pod: &support::Pod, maps: &[(u16, u16, &str
         .stderr(Stdio::piped())
         .spawn()
         .expect("portmap plugin");
-    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "portmap {verb}: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "portmap {verb}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// 10,000 portmap-style DNAT rules in a chain every new connection to a local address walks.
@@ -291,11 +338,30 @@ fn iptables_10k(node: &Netns, add: bool) {
             ));
         }
         rules.push_str("-I PREROUTING 1 -m addrtype --dst-type LOCAL -j PSBENCH-10K\nCOMMIT\n");
-        let mut c = node.command("iptables-restore").arg("--noflush").stdin(Stdio::piped()).spawn().unwrap();
+        let mut c = node
+            .command("iptables-restore")
+            .arg("--noflush")
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
         c.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
         assert!(c.wait().unwrap().success(), "iptables-restore");
     } else {
-        node.run("iptables", &["-t", "nat", "-D", "PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "PSBENCH-10K"]);
+        node.run(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-D",
+                "PREROUTING",
+                "-m",
+                "addrtype",
+                "--dst-type",
+                "LOCAL",
+                "-j",
+                "PSBENCH-10K",
+            ],
+        );
         node.run("iptables", &["-t", "nat", "-F", "PSBENCH-10K"]);
         node.run("iptables", &["-t", "nat", "-X", "PSBENCH-10K"]);
     }
@@ -305,7 +371,10 @@ fn iptables_10k(node: &Netns, add: bool) {
 /// placed before iptables' nat chains, holding the portmap pod's real mappings among 9,998
 /// others.
 fn nft_map_10k(node: &Netns, pod_ip: Ipv4Addr, maps: &[(u16, u16)]) {
-    let mut elems: Vec<String> = maps.iter().map(|(h, c)| format!("{h} : {pod_ip} . {c}")).collect();
+    let mut elems: Vec<String> = maps
+        .iter()
+        .map(|(h, c)| format!("{h} : {pod_ip} . {c}"))
+        .collect();
     let mut port = 50_000u32;
     while elems.len() < 10_000 {
         elems.push(format!("{port} : 10.244.9.{} . {port}", 1 + port % 250));
@@ -315,8 +384,18 @@ fn nft_map_10k(node: &Netns, pod_ip: Ipv4Addr, maps: &[(u16, u16)]) {
         "table ip psbench {{\n map ports {{ type inet_service : ipv4_addr . inet_service; elements = {{ {} }} }}\n chain pre {{\n  type nat hook prerouting priority -110;\n  fib daddr type local dnat ip addr . port to tcp dport map @ports\n }}\n}}\n",
         elems.join(", ")
     );
-    let mut c = node.command("nft").arg("-f").arg("-").stdin(Stdio::piped()).spawn().unwrap();
-    c.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let mut c = node
+        .command("nft")
+        .arg("-f")
+        .arg("-")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
     assert!(c.wait().unwrap().success(), "nft -f");
 }
 
@@ -327,7 +406,10 @@ fn slice_attach(t: &Topology, pod: &support::Pod, range: (u16, u16)) -> Duration
         pod_private_ip: pod.private_ip,
         slice: Some(SliceBinding {
             slice_key: "bench/media".into(),
-            range: PortRange { start: range.0, end: range.1 },
+            range: PortRange {
+                start: range.0,
+                end: range.1,
+            },
             protocols: vec![Protocol::TCP, Protocol::UDP],
         }),
     };
@@ -339,7 +421,12 @@ fn slice_attach(t: &Topology, pod: &support::Pod, range: (u16, u16)) -> Duration
 }
 
 /// Datapath attach/detach latency (what CNI ADD/DEL spend in the datapath) for a slice size.
-fn attach_latency(t: &Topology, pod: &support::Pod, range: (u16, u16), n: usize) -> (f64, f64, f64, f64) {
+fn attach_latency(
+    t: &Topology,
+    pod: &support::Pod,
+    range: (u16, u16),
+    n: usize,
+) -> (f64, f64, f64, f64) {
     let mut add = Vec::new();
     let mut del = Vec::new();
     for _ in 0..n {
@@ -355,11 +442,20 @@ fn attach_latency(t: &Topology, pod: &support::Pod, range: (u16, u16), n: usize)
         v.sort_by(|a, b| a.total_cmp(b));
         v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
     };
-    (pct(&mut add, 0.5), pct(&mut add, 0.99), pct(&mut del, 0.5), pct(&mut del, 0.99))
+    (
+        pct(&mut add, 0.5),
+        pct(&mut add, 0.99),
+        pct(&mut del, 0.5),
+        pct(&mut del, 0.99),
+    )
 }
 
 fn ratio(v: f64, host: f64) -> String {
-    if host > 0.0 { format!("{:.0}%", v / host * 100.0) } else { "-".into() }
+    if host > 0.0 {
+        format!("{:.0}%", v / host * 100.0)
+    } else {
+        "-".into()
+    }
 }
 
 fn table(rows: &[Row]) -> String {
@@ -367,7 +463,9 @@ fn table(rows: &[Row]) -> String {
         "| scenario | target | TCP in Gb/s | TCP out Gb/s | UDP 64B kpps | conn/s | vs host (in / out / conn/s) | RR p50 µs | RR p99 µs | conntrack entries |\n|---|---|---:|---:|---:|---:|---|---:|---:|---:|\n",
     );
     for r in rows {
-        let host = rows.iter().find(|h| h.scenario == r.scenario && h.target.starts_with("host"));
+        let host = rows
+            .iter()
+            .find(|h| h.scenario == r.scenario && h.target.starts_with("host"));
         let vs = match host {
             Some(h) if !r.target.starts_with("host") => format!(
                 "{} / {} / {}",
@@ -379,7 +477,16 @@ fn table(rows: &[Row]) -> String {
         };
         out.push_str(&format!(
             "| {} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {:.1} | {:.1} | {} |\n",
-            r.scenario, r.target, r.tcp_in_gbps, r.tcp_out_gbps, r.udp_kpps, r.conn_per_s, vs, r.p50_us, r.p99_us, r.conntrack
+            r.scenario,
+            r.target,
+            r.tcp_in_gbps,
+            r.tcp_out_gbps,
+            r.udp_kpps,
+            r.conn_per_s,
+            vs,
+            r.p50_us,
+            r.p99_us,
+            r.conntrack
         ));
     }
     out
@@ -406,22 +513,63 @@ fn datapath_benchmark() {
     let s = Settings::from_env();
     let mut t = Topology::new();
     // kube-proxy-style rules: conntrack tracks everything the host stack sees, as on a node.
-    t.node.run("iptables", &["-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
-    t.node.run("iptables", &["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
+    t.node.run(
+        "iptables",
+        &[
+            "-A",
+            "INPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "INVALID",
+            "-j",
+            "DROP",
+        ],
+    );
+    t.node.run(
+        "iptables",
+        &[
+            "-A",
+            "FORWARD",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "INVALID",
+            "-j",
+            "DROP",
+        ],
+    );
     // The remote opens many short connections: give it ports and let it reuse TIME_WAIT.
-    t.remote.sysctl("net.ipv4.ip_local_port_range", "1024 65000");
+    t.remote
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65000");
     t.remote.sysctl("net.ipv4.tcp_tw_reuse", "1");
     for ns in [&t.node] {
         ns.sysctl("net.ipv4.tcp_tw_reuse", "1");
     }
     t.add_pod(Some((40000, 40099)));
     t.add_pod_unattached(None);
-    let pm_maps = [(8080, 5201, "tcp"), (8080, 5201, "udp"), (8081, 7000, "tcp")];
+    let pm_maps = [
+        (8080, 5201, "tcp"),
+        (8080, 5201, "udp"),
+        (8081, 7000, "tcp"),
+    ];
     portmap(&t, "ADD", &t.pods[1], &pm_maps);
 
-    let host = Target { label: "host networking".into(), iperf: 5201, rr: 7000 };
-    let slice = Target { label: "slice pod".into(), iperf: 40010, rr: 40011 };
-    let nat = Target { label: "portmap pod (NAT)".into(), iperf: 8080, rr: 8081 };
+    let host = Target {
+        label: "host networking".into(),
+        iperf: 5201,
+        rr: 7000,
+    };
+    let slice = Target {
+        label: "slice pod".into(),
+        iperf: 40010,
+        rr: 40011,
+    };
+    let nat = Target {
+        label: "portmap pod (NAT)".into(),
+        iperf: 8080,
+        rr: 8081,
+    };
     let servers = [
         start_servers(&t.node, host.iperf, host.rr),
         start_servers(&t.pods[0].ns, slice.iperf, slice.rr),
@@ -436,7 +584,10 @@ fn datapath_benchmark() {
     // 10,000 ports allocated.
     let slice_10k = slice_attach(&t, &t.pods[0], (40000, 49999));
     iptables_10k(&t.node, true);
-    let slice10 = Target { label: "slice pod (10,000-port slice)".into(), ..slice };
+    let slice10 = Target {
+        label: "slice pod (10,000-port slice)".into(),
+        ..slice
+    };
     rows.push(measure(&t, &s, "10,000 ports: iptables", &host));
     rows.push(measure(&t, &s, "10,000 ports: iptables", &slice10));
     rows.push(measure(&t, &s, "10,000 ports: iptables", &nat));

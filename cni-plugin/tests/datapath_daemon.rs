@@ -265,3 +265,52 @@ fn metrics_count_per_slice_traffic() {
     assert!(rx >= 9, "3 connections are at least 9 packets in: {rx}");
     assert!(m.contains("portslice_attached_pods 1"), "{m}");
 }
+
+#[test]
+fn daemon_chains_behind_a_single_plugin_conf_and_uninstall_restores_it() {
+    if !require_root("install-conf") {
+        return;
+    }
+    let mut t = Topology::bare();
+    let dir = std::env::temp_dir().join(format!("portslice-conf-{}", t.id));
+    let (bin, conf) = (dir.join("bin"), dir.join("net.d"));
+    std::fs::create_dir_all(&conf).unwrap();
+    let original = r#"{"cniVersion":"0.4.0","name":"br","type":"bridge","bridge":"cni0"}"#;
+    std::fs::write(conf.join("10-bridge.conf"), original).unwrap();
+    let dirs = [
+        "--cni-bin-dir",
+        bin.to_str().unwrap(),
+        "--cni-conf-dir",
+        conf.to_str().unwrap(),
+    ];
+    t.start_daemon_with(&dirs);
+    let list: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(conf.join("10-bridge.conflist")).unwrap())
+            .unwrap();
+    assert_eq!(list["plugins"][0]["type"], "bridge");
+    assert_eq!(list["plugins"][1]["type"], "portslice");
+    assert!(
+        !conf.join("10-bridge.conf").exists(),
+        "the .conf would shadow nothing but confuse readers"
+    );
+    t.daemon.as_mut().unwrap().kill();
+    let out = t
+        .node
+        .command(support::daemon_binary().to_str().unwrap())
+        .args(t.daemon_args())
+        .args(dirs)
+        .arg("--uninstall")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(conf.join("10-bridge.conf")).unwrap(),
+        original
+    );
+    assert!(!conf.join("10-bridge.conflist").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

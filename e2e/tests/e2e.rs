@@ -60,6 +60,12 @@ async fn run() -> anyhow::Result<bool> {
     let mut ctx = Ctx { s, client, ns, reserved_before: None };
     let mut r = Report::new(&std::env::var("PORTSLICE_E2E_SKIP").unwrap_or_default());
 
+    // The node's state before install is what uninstall must restore: start from no release.
+    let rel = [ctx.s.release.as_str(), "-n", ctx.s.release_namespace.as_str()];
+    if shell::run(&helm(&ctx, &[&["status"][..], &rel].concat()), None, SHORT).await?.success() {
+        eprintln!("[e2e] release {} exists: uninstalling it first", ctx.s.release);
+        shell::run_ok(&helm(&ctx, &[&["uninstall", "--wait"][..], &rel].concat()), LONG).await?;
+    }
     ctx.reserved_before = node_cat(&ctx, "/proc/sys/net/ipv4/ip_local_reserved_ports").await.ok();
     let installed = r.check("helm-install", || helm_install(&ctx)).await;
     scenario(&mut ctx, &mut r, installed).await;

@@ -35,11 +35,25 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = Client::try_default().await.context("client from KUBECONFIG")?;
+    let client = Client::try_default()
+        .await
+        .context("client from KUBECONFIG")?;
     install_crd(&client, &args.crd).await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace { metadata: ObjectMeta { name: Some(args.namespace.clone()), ..Default::default() }, ..Default::default() };
-    namespaces.patch(&args.namespace, &PatchParams::apply("portslice-bench"), &Patch::Apply(&ns)).await?;
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(args.namespace.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    namespaces
+        .patch(
+            &args.namespace,
+            &PatchParams::apply("portslice-bench"),
+            &Patch::Apply(&ns),
+        )
+        .await?;
     let api: Api<PortSlice> = Api::namespaced(client.clone(), &args.namespace);
 
     // Watch first, so that no allocation is missed.
@@ -47,7 +61,9 @@ async fn main() -> anyhow::Result<()> {
     let count = args.count;
     let watch = tokio::spawn(async move {
         let mut ranges: HashMap<String, PortRange> = HashMap::new();
-        let mut events = watcher(watch_api, watcher::Config::default()).applied_objects().boxed();
+        let mut events = watcher(watch_api, watcher::Config::default())
+            .applied_objects()
+            .boxed();
         while let Some(obj) = events.try_next().await? {
             if let Some(r) = obj.status.as_ref().and_then(|s| s.range) {
                 ranges.insert(obj.name_any(), r);
@@ -60,7 +76,11 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let start = Instant::now();
-    let spec = PortSliceSpec { size: Some(args.size), ports: None, protocols: vec![Protocol::TCP, Protocol::UDP] };
+    let spec = PortSliceSpec {
+        size: Some(args.size),
+        ports: None,
+        protocols: vec![Protocol::TCP, Protocol::UDP],
+    };
     let results: Vec<Result<(), kube::Error>> = stream::iter(0..args.count)
         .map(|i| {
             let api = api.clone();
@@ -81,10 +101,16 @@ async fn main() -> anyhow::Result<()> {
     let allocated = done.duration_since(start);
 
     let list = api.list(&ListParams::default()).await?;
-    let mut ranges: Vec<(String, PortRange)> =
-        list.items.iter().filter_map(|s| Some((s.name_any(), s.status.as_ref()?.range?))).collect();
+    let mut ranges: Vec<(String, PortRange)> = list
+        .items
+        .iter()
+        .filter_map(|s| Some((s.name_any(), s.status.as_ref()?.range?)))
+        .collect();
     ranges.sort_by_key(|(_, r)| r.start);
-    let overlaps = ranges.windows(2).filter(|w| w[0].1.end >= w[1].1.start).count();
+    let overlaps = ranges
+        .windows(2)
+        .filter(|w| w[0].1.end >= w[1].1.start)
+        .count();
     println!(
         "{{\"count\":{},\"allocated\":{},\"overlaps\":{},\"create_secs\":{:.2},\"allocated_secs\":{:.2}}}",
         args.count,
@@ -94,7 +120,11 @@ async fn main() -> anyhow::Result<()> {
         allocated.as_secs_f64()
     );
     if overlaps > 0 || ranges.len() != args.count {
-        bail!("{overlaps} overlapping ranges, {} of {} allocated", ranges.len(), args.count);
+        bail!(
+            "{overlaps} overlapping ranges, {} of {} allocated",
+            ranges.len(),
+            args.count
+        );
     }
     Ok(())
 }
@@ -104,11 +134,19 @@ async fn install_crd(client: &Client, path: &std::path::Path) -> anyhow::Result<
     let crd: CustomResourceDefinition = serde_yaml::from_str(&text)?;
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let name = crd.name_any();
-    api.patch(&name, &PatchParams::apply("portslice-bench").force(), &Patch::Apply(&crd)).await?;
+    api.patch(
+        &name,
+        &PatchParams::apply("portslice-bench").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
     for _ in 0..300 {
         let crd = api.get(&name).await?;
         let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
-        if conditions.iter().any(|c| c.type_ == "Established" && c.status == "True") {
+        if conditions
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

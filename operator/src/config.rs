@@ -11,16 +11,30 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("failed to read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid: {source}")]
-    Parse { path: PathBuf, source: serde_yaml::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
     #[error("invalid {what} {value:?}: {reason}")]
-    Invalid { what: &'static str, value: String, reason: String },
+    Invalid {
+        what: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 /// Command line. Every option is optional here so that the config file can fill it in.
 #[derive(Parser, Debug, Default, Clone)]
-#[command(name = "portslice-operator", version, about = "Allocates cluster-unique port ranges to PortSlices")]
+#[command(
+    name = "portslice-operator",
+    version,
+    about = "Allocates cluster-unique port ranges to PortSlices"
+)]
 // A later flag replaces an earlier one (wrappers can append overrides); --pool accumulates.
 #[command(args_override_self = true)]
 pub struct Cli {
@@ -128,9 +142,13 @@ pub struct Env {
 impl Env {
     pub fn from_process() -> Self {
         Self {
-            pod_namespace: std::env::var("POD_NAMESPACE").ok().filter(|s| !s.is_empty()),
+            pod_namespace: std::env::var("POD_NAMESPACE")
+                .ok()
+                .filter(|s| !s.is_empty()),
             pod_name: std::env::var("POD_NAME").ok().filter(|s| !s.is_empty()),
-            hostname: std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string()),
+            hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string()),
             pid: std::process::id(),
         }
     }
@@ -157,8 +175,11 @@ impl Config {
         let pools = pools
             .iter()
             .map(|p| {
-                p.parse::<PortRange>()
-                    .map_err(|e| ConfigError::Invalid { what: "pool", value: p.clone(), reason: e.to_string() })
+                p.parse::<PortRange>().map_err(|e| ConfigError::Invalid {
+                    what: "pool",
+                    value: p.clone(),
+                    reason: e.to_string(),
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         crate::allocator::normalize(&pools).map_err(|e| ConfigError::Invalid {
@@ -166,47 +187,78 @@ impl Config {
             value: format!("{pools:?}"),
             reason: e.to_string(),
         })?;
-        let quarantine = parse_duration(&cli.quarantine.or(file.quarantine).unwrap_or_else(|| "30s".into()))?;
-        let retry_interval =
-            parse_duration(&cli.retry_interval.or(file.retry_interval).unwrap_or_else(|| "30s".into()))?;
+        let quarantine = parse_duration(
+            &cli.quarantine
+                .or(file.quarantine)
+                .unwrap_or_else(|| "30s".into()),
+        )?;
+        let retry_interval = parse_duration(
+            &cli.retry_interval
+                .or(file.retry_interval)
+                .unwrap_or_else(|| "30s".into()),
+        )?;
         let lease_duration = cli.lease_duration.or(file.lease_duration).unwrap_or(15);
         let lease_grace = cli.lease_grace.or(file.lease_grace).unwrap_or(5);
         if lease_grace == 0 || lease_grace >= lease_duration {
             return Err(ConfigError::Invalid {
                 what: "lease grace",
                 value: lease_grace.to_string(),
-                reason: format!("must be at least 1 and below the lease duration ({lease_duration}s)"),
+                reason: format!(
+                    "must be at least 1 and below the lease duration ({lease_duration}s)"
+                ),
             });
         }
-        let identity = cli.identity.or(file.identity).or_else(|| env.pod_name.clone()).unwrap_or_else(|| {
-            format!("{}-{}", env.hostname.as_deref().unwrap_or("portslice-operator"), env.pid)
-        });
+        let identity = cli
+            .identity
+            .or(file.identity)
+            .or_else(|| env.pod_name.clone())
+            .unwrap_or_else(|| {
+                format!(
+                    "{}-{}",
+                    env.hostname.as_deref().unwrap_or("portslice-operator"),
+                    env.pid
+                )
+            });
         Ok(Self {
             pools,
             quarantine,
             retry_interval,
-            metrics_addr: cli.metrics_addr.or(file.metrics_addr).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            metrics_addr: cli
+                .metrics_addr
+                .or(file.metrics_addr)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
             lease_namespace: cli
                 .lease_namespace
                 .or(file.lease_namespace)
                 .or_else(|| env.pod_namespace.clone())
                 .unwrap_or_else(|| "default".into()),
-            lease_name: cli.lease_name.or(file.lease_name).unwrap_or_else(|| "portslice-operator".into()),
+            lease_name: cli
+                .lease_name
+                .or(file.lease_name)
+                .unwrap_or_else(|| "portslice-operator".into()),
             lease_duration,
             lease_grace,
             identity,
             watch_namespace: cli.watch_namespace.or(file.watch_namespace),
             concurrency: cli.concurrency.or(file.concurrency).unwrap_or(32).max(1),
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
-            allocation_events: cli.allocation_events.or(file.allocation_events).unwrap_or(false),
+            allocation_events: cli
+                .allocation_events
+                .or(file.allocation_events)
+                .unwrap_or(false),
         })
     }
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-    parse_file(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_file(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn parse_file(text: &str) -> Result<FileConfig, serde_yaml::Error> {
@@ -237,11 +289,17 @@ fn file_from(f: FileConfig) -> Cli {
 
 /// Parses `500ms`, `30s`, `2m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
-    let invalid = |reason: &str| ConfigError::Invalid { what: "duration", value: s.to_string(), reason: reason.into() };
+    let invalid = |reason: &str| ConfigError::Invalid {
+        what: "duration",
+        value: s.to_string(),
+        reason: reason.into(),
+    };
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| invalid("expected a number followed by ms, s, m or h"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| invalid("expected a number followed by ms, s, m or h"))?;
     let ms = match unit {
         "ms" => Some(n),
         "" | "s" => n.checked_mul(1000),
@@ -249,7 +307,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
         "h" => n.checked_mul(3_600_000),
         _ => return Err(invalid("unit must be ms, s, m or h")),
     };
-    ms.map(Duration::from_millis).ok_or_else(|| invalid("too long"))
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| invalid("too long"))
 }
 
 #[cfg(test)]
@@ -257,13 +316,23 @@ mod tests {
     use super::*;
 
     fn env() -> Env {
-        Env { hostname: Some("node1".into()), pid: 7, ..Env::default() }
+        Env {
+            hostname: Some("node1".into()),
+            pid: 7,
+            ..Env::default()
+        }
     }
 
     #[test]
     fn defaults_are_sane() {
         let c = Config::resolve(Cli::default(), Cli::default(), &env()).unwrap();
-        assert_eq!(c.pools, vec![PortRange { start: 40000, end: 59999 }]);
+        assert_eq!(
+            c.pools,
+            vec![PortRange {
+                start: 40000,
+                end: 59999
+            }]
+        );
         assert_eq!(c.quarantine, Duration::from_secs(30));
         assert_eq!(c.lease_namespace, "default");
         assert_eq!(c.identity, "node1-7");
@@ -273,11 +342,23 @@ mod tests {
     #[test]
     fn command_line_wins_over_file_wins_over_default() {
         let file = file_from(
-            parse_file("pools: [\"20000-20999\"]\nquarantine: 2m\nleaseName: from-file\nlogFormat: json\n").unwrap(),
+            parse_file(
+                "pools: [\"20000-20999\"]\nquarantine: 2m\nleaseName: from-file\nlogFormat: json\n",
+            )
+            .unwrap(),
         );
-        let cli = Cli { quarantine: Some("500ms".into()), ..Cli::default() };
+        let cli = Cli {
+            quarantine: Some("500ms".into()),
+            ..Cli::default()
+        };
         let c = Config::resolve(cli, file, &env()).unwrap();
-        assert_eq!(c.pools, vec![PortRange { start: 20000, end: 20999 }]);
+        assert_eq!(
+            c.pools,
+            vec![PortRange {
+                start: 20000,
+                end: 20999
+            }]
+        );
         assert_eq!(c.quarantine, Duration::from_millis(500));
         assert_eq!(c.lease_name, "from-file");
         assert_eq!(c.log_format, LogFormat::Json);
@@ -285,25 +366,62 @@ mod tests {
 
     #[test]
     fn pod_identity_comes_from_the_downward_api() {
-        let env = Env { pod_name: Some("op-0".into()), pod_namespace: Some("portslice".into()), ..env() };
+        let env = Env {
+            pod_name: Some("op-0".into()),
+            pod_namespace: Some("portslice".into()),
+            ..env()
+        };
         let c = Config::resolve(Cli::default(), Cli::default(), &env).unwrap();
-        assert_eq!((c.identity.as_str(), c.lease_namespace.as_str()), ("op-0", "portslice"));
+        assert_eq!(
+            (c.identity.as_str(), c.lease_namespace.as_str()),
+            ("op-0", "portslice")
+        );
     }
 
     #[test]
     fn bad_values_are_refused_with_the_value_in_the_message() {
-        let cli = Cli { pools: vec!["30000-32767".into()], ..Cli::default() };
-        assert!(Config::resolve(cli, Cli::default(), &env()).unwrap_err().to_string().contains("NodePort"));
-        let cli = Cli { pools: vec!["5-4".into()], ..Cli::default() };
-        assert!(Config::resolve(cli, Cli::default(), &env()).unwrap_err().to_string().contains("5-4"));
-        let cli = Cli { lease_duration: Some(5), lease_grace: Some(5), ..Cli::default() };
+        let cli = Cli {
+            pools: vec!["30000-32767".into()],
+            ..Cli::default()
+        };
+        assert!(
+            Config::resolve(cli, Cli::default(), &env())
+                .unwrap_err()
+                .to_string()
+                .contains("NodePort")
+        );
+        let cli = Cli {
+            pools: vec!["5-4".into()],
+            ..Cli::default()
+        };
+        assert!(
+            Config::resolve(cli, Cli::default(), &env())
+                .unwrap_err()
+                .to_string()
+                .contains("5-4")
+        );
+        let cli = Cli {
+            lease_duration: Some(5),
+            lease_grace: Some(5),
+            ..Cli::default()
+        };
         assert!(Config::resolve(cli, Cli::default(), &env()).is_err());
         assert!(parse_file("pool: [1]").is_err(), "unknown keys are refused");
     }
 
     #[test]
     fn pools_accumulate_and_later_flags_win() {
-        let cli = Cli::parse_from(["op", "--pool", "40000-40999", "--quarantine", "5s", "--pool", "50000-50999", "--quarantine", "1s"]);
+        let cli = Cli::parse_from([
+            "op",
+            "--pool",
+            "40000-40999",
+            "--quarantine",
+            "5s",
+            "--pool",
+            "50000-50999",
+            "--quarantine",
+            "1s",
+        ]);
         let c = Config::resolve(cli, Cli::default(), &env()).unwrap();
         assert_eq!(c.pools.len(), 2);
         assert_eq!(c.quarantine, Duration::from_secs(1));

@@ -19,7 +19,11 @@ pub struct Campaign {
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
     #[error("failed to set up the leader Lease {namespace}/{name}: {source}")]
-    Setup { namespace: String, name: String, source: kube_lease_manager::LeaseManagerError },
+    Setup {
+        namespace: String,
+        name: String,
+        source: kube_lease_manager::LeaseManagerError,
+    },
     #[error("the leader election task stopped")]
     Stopped,
 }
@@ -45,7 +49,10 @@ impl Campaign {
 
     /// Resolves once this replica holds the Lease.
     pub async fn acquired(&mut self) -> Result<(), LeaderError> {
-        self.state.wait_for(|leader| *leader).await.map_err(|_| LeaderError::Stopped)?;
+        self.state
+            .wait_for(|leader| *leader)
+            .await
+            .map_err(|_| LeaderError::Stopped)?;
         Ok(())
     }
 

@@ -30,9 +30,11 @@ use crate::server::Health;
 /// Runs one replica: admin server, leader election, and (while leading) the controller.
 /// Returns after SIGTERM/SIGINT; exits the process with status 1 if the Lease is lost.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let client = Client::try_default()
-        .await
-        .map_err(|e| anyhow::anyhow!("failed to build a Kubernetes client (KUBECONFIG or in-cluster config): {e}"))?;
+    let client = Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!(
+            "failed to build a Kubernetes client (KUBECONFIG or in-cluster config): {e}"
+        )
+    })?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
 
@@ -46,8 +48,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let (addr, server) =
-        server::bind(config.metrics_addr, health.clone(), metrics.clone(), stopped(stop_rx.clone())).await?;
+    let (addr, server) = server::bind(
+        config.metrics_addr,
+        health.clone(),
+        metrics.clone(),
+        stopped(stop_rx.clone()),
+    )
+    .await?;
     let server = tokio::spawn(server);
     info!(%addr, "admin server listening");
 
@@ -92,7 +99,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

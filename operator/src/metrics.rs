@@ -60,14 +60,42 @@ impl Metrics {
             leader: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("pool_size_ports", "Ports in the allocation pool", m.pool_size.clone());
-        registry.register("pool_used_ports", "Pool ports held by a slice", m.pool_used.clone());
-        registry.register("pool_free_ports", "Pool ports free to allocate", m.pool_free.clone());
-        registry.register("slices_holding_ranges", "Slices that hold a range", m.slices_held.clone());
+        registry.register(
+            "pool_size_ports",
+            "Ports in the allocation pool",
+            m.pool_size.clone(),
+        );
+        registry.register(
+            "pool_used_ports",
+            "Pool ports held by a slice",
+            m.pool_used.clone(),
+        );
+        registry.register(
+            "pool_free_ports",
+            "Pool ports free to allocate",
+            m.pool_free.clone(),
+        );
+        registry.register(
+            "slices_holding_ranges",
+            "Slices that hold a range",
+            m.slices_held.clone(),
+        );
         registry.register("allocations", "Ranges handed out", m.allocations.clone());
-        registry.register("releases", "Ranges freed after deletion, drain and quarantine", m.releases.clone());
-        registry.register("waiting", "Allocation attempts that had to wait, by reason", m.waiting.clone());
-        registry.register("reconcile_errors", "Failed reconciles, by error", m.reconcile_errors.clone());
+        registry.register(
+            "releases",
+            "Ranges freed after deletion, drain and quarantine",
+            m.releases.clone(),
+        );
+        registry.register(
+            "waiting",
+            "Allocation attempts that had to wait, by reason",
+            m.waiting.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles, by error",
+            m.reconcile_errors.clone(),
+        );
         registry.register(
             "reconcile_duration_seconds",
             "Time spent in one reconcile",
@@ -78,7 +106,11 @@ impl Metrics {
             "Statuses found overlapping another slice's range when rebuilding (should stay 0)",
             m.overlaps_detected.clone(),
         );
-        registry.register("leader", "1 while this replica holds the leader Lease", m.leader.clone());
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            m.leader.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -86,7 +118,8 @@ impl Metrics {
         self.pool_size.set(i64::from(stats.size));
         self.pool_used.set(i64::from(stats.used));
         self.pool_free.set(i64::from(stats.free));
-        self.slices_held.set(i64::try_from(held).unwrap_or(i64::MAX));
+        self.slices_held
+            .set(i64::try_from(held).unwrap_or(i64::MAX));
     }
 
     pub fn observe_reconcile(&self, took: Duration) {
@@ -107,9 +140,18 @@ mod tests {
     #[test]
     fn exposes_the_pool_and_reconcile_metrics() {
         let m = Metrics::new();
-        m.set_pool(PoolStats { size: 100, used: 30, free: 70 }, 3);
+        m.set_pool(
+            PoolStats {
+                size: 100,
+                used: 30,
+                free: 70,
+            },
+            3,
+        );
         m.allocations.inc();
-        m.reconcile_errors.get_or_create(&ErrorLabels { error: "kube" }).inc();
+        m.reconcile_errors
+            .get_or_create(&ErrorLabels { error: "kube" })
+            .inc();
         m.observe_reconcile(Duration::from_millis(3));
         let text = m.encode().unwrap();
         for needle in [

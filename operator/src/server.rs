@@ -62,16 +62,25 @@ pub fn router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     match state.health.readiness() {
         Ok(role) => (StatusCode::OK, format!("ok: {role}\n")),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
-    state.metrics.leader.set(i64::from(state.health.is_leader()));
+    state
+        .metrics
+        .leader
+        .set(i64::from(state.health.is_leader()));
     match state.metrics.encode() {
         Ok(body) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         )
             .into_response(),
@@ -85,7 +94,10 @@ pub async fn bind(
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = std::io::Result<()>>)> {
+) -> anyhow::Result<(
+    SocketAddr,
+    impl std::future::Future<Output = std::io::Result<()>>,
+)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("failed to bind the metrics server to {addr}: {e}"))?;

@@ -16,17 +16,30 @@ async fn allocates_a_range_with_conditions_events_and_metrics() {
         let op = ns.operator(&["--pool", "40000-40999", "--allocation-events", "true"]);
         ns.create_size("media", 100).await;
         let range = ns.wait_allocated("media").await;
-        assert_eq!(range, PortRange { start: 40000, end: 40099 });
+        assert_eq!(
+            range,
+            PortRange {
+                start: 40000,
+                end: 40099
+            }
+        );
         let slice = ns.slices().get("media").await.unwrap();
         let status = slice.status.clone().unwrap();
         assert_eq!(status.range_text.as_deref(), Some("40000-40099"));
         assert_eq!(status.size, Some(100));
         let allocated = condition(&slice, "Allocated").unwrap();
-        assert_eq!((allocated.status.as_str(), allocated.reason.as_str()), ("True", "Allocated"));
+        assert_eq!(
+            (allocated.status.as_str(), allocated.reason.as_str()),
+            ("True", "Allocated")
+        );
         assert_eq!(condition(&slice, "Ready").unwrap().status, "True");
         let event = ns.wait_event("media", "Allocated").await;
         assert!(event.note.unwrap_or_default().contains("40000-40099"));
-        assert!(slice.finalizers().contains(&portslice_crds::FINALIZER.to_string()));
+        assert!(
+            slice
+                .finalizers()
+                .contains(&portslice_crds::FINALIZER.to_string())
+        );
 
         op.wait_ready().await;
         assert_eq!(op.get("/healthz").map(|r| r.0), Some(200));
@@ -38,7 +51,10 @@ async fn allocates_a_range_with_conditions_events_and_metrics() {
         assert_eq!(op.metric("portslice_pool_free_ports"), Some(900.0));
         assert_eq!(op.metric("portslice_allocations_total"), Some(1.0));
         let (_, body) = op.get("/metrics").unwrap();
-        assert!(body.contains("portslice_reconcile_duration_seconds_count"), "{body}");
+        assert!(
+            body.contains("portslice_reconcile_duration_seconds_count"),
+            "{body}"
+        );
     })
     .await;
 }
@@ -66,7 +82,10 @@ async fn a_deleted_range_is_reused_only_after_the_quarantine() {
         assert!(!drained_at.is_empty());
         assert_eq!(ns.wait_allocated("new").await, old_range);
         let took = deleted.elapsed();
-        assert!(took >= Duration::from_secs(3), "range reused {took:?} after deletion, before the quarantine");
+        assert!(
+            took >= Duration::from_secs(3),
+            "range reused {took:?} after deletion, before the quarantine"
+        );
         ns.wait_gone("old", TIMEOUT).await;
     })
     .await;
@@ -76,7 +95,14 @@ async fn a_deleted_range_is_reused_only_after_the_quarantine() {
 async fn pool_exhaustion_is_reported_and_recovers_when_space_frees() {
     with_namespace("exhaustion", |ns| async move {
         // A long retry interval proves the waiting slice is woken by the deletion itself.
-        let _op = ns.operator(&["--pool", "40000-40019", "--quarantine", "0s", "--retry-interval", "10m"]);
+        let _op = ns.operator(&[
+            "--pool",
+            "40000-40019",
+            "--quarantine",
+            "0s",
+            "--retry-interval",
+            "10m",
+        ]);
         ns.create_size("a", 10).await;
         ns.wait_allocated("a").await;
         ns.create_size("b", 10).await;
@@ -85,14 +111,27 @@ async fn pool_exhaustion_is_reported_and_recovers_when_space_frees() {
         let waiting = ns.wait_reason("c", "PoolExhausted").await;
         let allocated = condition(&waiting, "Allocated").unwrap();
         assert_eq!(allocated.status, "False");
-        assert!(allocated.message.contains("no free run of 5 ports"), "{}", allocated.message);
+        assert!(
+            allocated.message.contains("no free run of 5 ports"),
+            "{}",
+            allocated.message
+        );
         let event = ns.wait_event("c", "PoolExhausted").await;
         assert_eq!(event.type_.as_deref(), Some("Warning"));
 
         ns.delete("a").await;
         let start = Instant::now();
-        assert_eq!(ns.wait_allocated("c").await, PortRange { start: 40000, end: 40004 });
-        assert!(start.elapsed() < Duration::from_secs(20), "waiting slice was not woken by the deletion");
+        assert_eq!(
+            ns.wait_allocated("c").await,
+            PortRange {
+                start: 40000,
+                end: 40004
+            }
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "waiting slice was not woken by the deletion"
+        );
         ns.assert_no_overlap().await;
     })
     .await;
@@ -106,7 +145,13 @@ async fn exact_ports_conflict_the_older_slice_wins() {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         ns.create_exact("b-newer", 5061, 5062).await;
         let _op = ns.operator(&["--quarantine", "0s"]);
-        assert_eq!(ns.wait_allocated("a-older").await, PortRange { start: 5060, end: 5061 });
+        assert_eq!(
+            ns.wait_allocated("a-older").await,
+            PortRange {
+                start: 5060,
+                end: 5061
+            }
+        );
         let loser = ns.wait_reason("b-newer", "Conflict").await;
         let message = condition(&loser, "Allocated").unwrap().message;
         assert!(message.contains("a-older"), "{message}");
@@ -114,7 +159,13 @@ async fn exact_ports_conflict_the_older_slice_wins() {
         assert_eq!(event.type_.as_deref(), Some("Warning"));
 
         ns.delete("a-older").await;
-        assert_eq!(ns.wait_allocated("b-newer").await, PortRange { start: 5061, end: 5062 });
+        assert_eq!(
+            ns.wait_allocated("b-newer").await,
+            PortRange {
+                start: 5061,
+                end: 5062
+            }
+        );
         ns.assert_no_overlap().await;
     })
     .await;
@@ -148,7 +199,10 @@ async fn operator_killed_and_restarted_mid_stream_never_overlaps() {
         let n = 300u32;
         let mut op = ns.operator(&["--pool", "40000-59999"]);
         let creator = {
-            let ns = TestNs { client: ns.client.clone(), name: ns.name.clone() };
+            let ns = TestNs {
+                client: ns.client.clone(),
+                name: ns.name.clone(),
+            };
             tokio::spawn(async move {
                 stream::iter(0..n)
                     .for_each_concurrent(20, |i| {
@@ -191,13 +245,20 @@ async fn a_standby_takes_over_when_the_leader_dies() {
         first.wait_leader().await;
         let mut second = ns.operator(&[]);
         second.wait_ready().await;
-        assert_eq!(second.metric("portslice_leader"), Some(0.0), "second replica must stand by");
+        assert_eq!(
+            second.metric("portslice_leader"),
+            Some(0.0),
+            "second replica must stand by"
+        );
         ns.create_size("one", 10).await;
         ns.wait_allocated("one").await;
 
         // SIGTERM: clean exit, Lease released, the standby takes over at once.
         let status = first.terminate();
-        assert!(status.success(), "operator exited with {status} after SIGTERM");
+        assert!(
+            status.success(),
+            "operator exited with {status} after SIGTERM"
+        );
         second.wait_leader().await;
         ns.create_size("two", 10).await;
         ns.wait_allocated("two").await;
@@ -224,10 +285,17 @@ async fn slivers_are_reported_from_annotated_pods() {
         ns.wait_allocated("media").await;
         ns.create_pod("media-a", "media", "node-a", "Running").await;
         ns.create_pod("media-b", "media", "node-b", "Running").await;
-        ns.create_pod("unrelated", "other", "node-a", "Running").await;
+        ns.create_pod("unrelated", "other", "node-a", "Running")
+            .await;
         let want = vec![
-            Sliver { node: "node-a".into(), pod: "media-a".into() },
-            Sliver { node: "node-b".into(), pod: "media-b".into() },
+            Sliver {
+                node: "node-a".into(),
+                pod: "media-a".into(),
+            },
+            Sliver {
+                node: "node-b".into(),
+                pod: "media-b".into(),
+            },
         ];
         wait_until("two slivers", TIMEOUT, || async {
             let st = ns.slices().get("media").await.ok()?.status?;
@@ -256,7 +324,11 @@ async fn deletion_is_held_while_a_pod_of_the_slice_exists() {
         let message = condition(&held, "Ready").unwrap().message;
         assert!(message.contains("media-a"), "{message}");
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let still = ns.slices().get("media").await.expect("slice is held while its pod exists");
+        let still = ns
+            .slices()
+            .get("media")
+            .await
+            .expect("slice is held while its pod exists");
         assert_eq!(range_of(&still), Some(range));
         assert!(still.status.unwrap().drained_at.is_none());
 
@@ -270,10 +342,17 @@ async fn deletion_is_held_while_a_pod_of_the_slice_exists() {
 #[tokio::test]
 async fn invalid_manifests_are_refused_with_the_cel_message() {
     with_namespace("invalid", |ns| async move {
-        let both = PortSliceSpec { size: Some(10), ..exact_spec(5000, 5001) };
+        let both = PortSliceSpec {
+            size: Some(10),
+            ..exact_spec(5000, 5001)
+        };
         let cases = [
             ("both", both, "set exactly one of spec.size"),
-            ("reversed", exact_spec(6000, 5000), "ports.start must be less than or equal to ports.end"),
+            (
+                "reversed",
+                exact_spec(6000, 5000),
+                "ports.start must be less than or equal to ports.end",
+            ),
             ("zero", size_spec(0), "spec.size"),
             ("huge", size_spec(70000), "spec.size"),
         ];
@@ -281,7 +360,10 @@ async fn invalid_manifests_are_refused_with_the_cel_message() {
             let err = ns.create(name, spec).await.expect_err(name);
             let text = err.to_string();
             assert!(text.contains(needle), "{name}: {text}");
-            assert!(matches!(err, kube::Error::Api(ref s) if s.code == 422), "{name}: {err:?}");
+            assert!(
+                matches!(err, kube::Error::Api(ref s) if s.code == 422),
+                "{name}: {err:?}"
+            );
         }
 
         let _op = ns.operator(&[]);
@@ -289,10 +371,18 @@ async fn invalid_manifests_are_refused_with_the_cel_message() {
         ns.wait_allocated("fixed").await;
         let err = ns
             .slices()
-            .patch("fixed", &PatchParams::default(), &Patch::Merge(json!({"spec": {"size": 20}})))
+            .patch(
+                "fixed",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"size": 20}})),
+            )
             .await
             .expect_err("spec change after allocation");
-        assert!(err.to_string().contains("spec is immutable once a range is allocated"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("spec is immutable once a range is allocated"),
+            "{err}"
+        );
     })
     .await;
 }

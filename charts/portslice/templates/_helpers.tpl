@@ -64,6 +64,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   value: {{ include "portslice.pool" . | quote }}
 - name: PORTSLICE_PIN_ROOT
   value: {{ .Values.node.pinRoot | quote }}
+- name: PORTSLICE_CLUSTER_CIDRS
+  value: {{ concat .Values.cluster.podCIDRs .Values.cluster.serviceCIDRs | join "," | quote }}
 {{- end -}}
 
 {{/* Flags shared by the node daemon and its uninstall Job. The CNI dirs are mounted at their

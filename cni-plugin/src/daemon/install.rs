@@ -93,6 +93,9 @@ pub fn plugin_entry(args: &DaemonArgs) -> serde_json::Value {
     if let Some(k) = &args.kubeconfig_out {
         v["kubeconfig"] = json!(k);
     }
+    if !args.cluster_cidrs.is_empty() {
+        v["clusterCIDRs"] = json!(args.cluster_cidrs);
+    }
     v
 }
 
@@ -181,5 +184,27 @@ fn remove_binary(args: &DaemonArgs) -> anyhow::Result<()> {
     match std::fs::remove_file(args.cni_bin_dir.join(PLUGIN_TYPE)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: super::DaemonArgs,
+    }
+
+    #[test]
+    fn plugin_entry_carries_the_cluster_cidrs_for_private_routes() {
+        let cli = Cli::parse_from([
+            "portslice", "--uplink", "eth0", "--node-ip", "198.18.0.1",
+            "--cluster-cidrs", "10.244.0.0/16,10.96.0.0/16",
+        ]);
+        let v = super::plugin_entry(&cli.args);
+        assert_eq!(v["clusterCIDRs"], serde_json::json!(["10.244.0.0/16", "10.96.0.0/16"]));
+        assert_eq!(v["nodeIP"], "198.18.0.1");
     }
 }

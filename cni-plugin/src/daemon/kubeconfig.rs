@@ -18,7 +18,39 @@ pub fn in_cluster() -> Option<String> {
     } else {
         format!("https://{host}:{port}")
     };
-    Some(render(&server, &format!("{SA_DIR}/ca.crt"), token.trim()))
+    // The plugin runs on the host, where the pod's SA_DIR does not exist: embed the CA itself.
+    let ca = std::fs::read(format!("{SA_DIR}/ca.crt")).ok()?;
+    Some(render_with_ca_data(&server, &ca, token.trim()))
+}
+
+/// Like [`render`], with the CA certificate embedded (`certificate-authority-data`).
+pub fn render_with_ca_data(server: &str, ca_pem: &[u8], token: &str) -> String {
+    render(server, "", token).replace(
+        "    certificate-authority: \n",
+        &format!("    certificate-authority-data: {}\n", base64(ca_pem)),
+    )
+}
+
+/// Standard base64 with padding (a kubeconfig's `*-data` fields).
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -29,5 +61,18 @@ mod tests {
         assert!(k.contains("server: https://10.96.0.1:443"));
         assert!(k.contains("token: \"tok\""));
         assert!(k.contains("current-context: portslice-cni"));
+    }
+
+    #[test]
+    fn embeds_the_ca_for_the_host_side_plugin() {
+        let k = super::render_with_ca_data("https://10.96.0.1:443", b"PEM!", "tok");
+        assert!(
+            k.contains("    certificate-authority-data: UEVNIQ==\n"),
+            "{k}"
+        );
+        assert!(!k.contains("certificate-authority: "), "{k}");
+        assert_eq!(super::base64(b"ab"), "YWI=");
+        assert_eq!(super::base64(b"abc"), "YWJj");
+        assert_eq!(super::base64(b""), "");
     }
 }

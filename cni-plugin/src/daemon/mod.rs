@@ -53,6 +53,10 @@ pub struct DaemonArgs {
     /// Write a kubeconfig for the CNI plugin here (from the in-cluster service account).
     #[arg(long)]
     pub kubeconfig_out: Option<PathBuf>,
+    /// The cluster's pod and service CIDRs (comma-separated), written into the plugin's conflist
+    /// entry: slice pods reach them from their private address (Services, cluster DNS).
+    #[arg(long, env = "PORTSLICE_CLUSTER_CIDRS", value_delimiter = ',')]
+    pub cluster_cidrs: Vec<String>,
     /// Seconds between reconciles of the pinned pod state.
     #[arg(long, default_value_t = 10)]
     pub reconcile_interval: u64,

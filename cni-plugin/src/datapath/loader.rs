@@ -112,6 +112,16 @@ pub fn load_and_pin(setup: &NodeSetup) -> Result<AttachMode, DatapathError> {
 pub fn unload(pin_root: &Path, uplink: &str) -> Result<(), DatapathError> {
     let mode = AttachMode::detect();
     let mut errors = Vec::new();
+    // Pods first, through the API (clsact filters have no pins to find them by).
+    if let Ok(mut dp) = super::PinnedDatapath::open(pin_root)
+        && let Ok(pods) = dp.list_pods()
+    {
+        for p in pods {
+            if let Err(e) = dp.detach_pod(&p.container_id, Some(p.host_veth_ifindex)) {
+                errors.push(e);
+            }
+        }
+    }
     let links = pin_root.join("links");
     if let Ok(entries) = std::fs::read_dir(&links) {
         for e in entries.flatten() {

@@ -174,11 +174,12 @@ pub fn ifindex_of(name: &str) -> Result<u32, DatapathError> {
     Ok(i)
 }
 
-/// Writes a sysctl under /proc/sys (netns-aware for net.*: it is the calling thread's netns).
-pub fn write_sysctl(key: &str, value: &str) -> Result<(), DatapathError> {
-    let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+/// Writes `net.ipv4.conf.<ifname>.<key>` (per-netns: the calling thread's). Built as a path,
+/// not a dotted name, because interface names may contain dots.
+pub fn write_if_sysctl(ifname: &str, key: &str, value: &str) -> Result<(), DatapathError> {
+    let path = Path::new("/proc/sys/net/ipv4/conf").join(ifname).join(key);
     std::fs::write(&path, value).map_err(|source| DatapathError::Io {
-        what: format!("setting sysctl {key}={value}"),
+        what: format!("setting sysctl net.ipv4.conf.{ifname}.{key}={value}"),
         source,
     })
 }
@@ -274,8 +275,8 @@ impl PinnedDatapath {
         }
         // The pod's packets carry the node address as source: without these the host drops
         // them as martians before our hairpin/host-port paths see them.
-        write_sysctl(&format!("net.ipv4.conf.{ifname}.accept_local"), "1")?;
-        write_sysctl(&format!("net.ipv4.conf.{ifname}.rp_filter"), "0")?;
+        write_if_sysctl(ifname, "accept_local", "1")?;
+        write_if_sysctl(ifname, "rp_filter", "0")?;
         let pin = pod_link_pin(&self.pin_root, ifindex);
         if !self.link_ok(ifindex) {
             let _ = self.mode.detach(ifname, &pin);

@@ -144,13 +144,19 @@ impl Nl {
     /// index is one of *this* netns and says nothing about the node).
     pub fn link_by_name(&self, name: &str) -> Result<(u32, Option<u32>), NetnsError> {
         for link in self.links()? {
-            let is_it = link.attributes.iter().any(|a| matches!(a, LinkAttribute::IfName(n) if n == name));
+            let is_it = link
+                .attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::IfName(n) if n == name));
             if is_it {
                 let peer = link.attributes.iter().find_map(|a| match a {
                     LinkAttribute::Link(i) => Some(*i),
                     _ => None,
                 });
-                let elsewhere = link.attributes.iter().any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)));
+                let elsewhere = link
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)));
                 return Ok((link.header.index, peer.filter(|_| elsewhere)));
             }
         }

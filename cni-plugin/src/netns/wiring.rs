@@ -50,15 +50,32 @@ pub struct Applied {
 pub fn apply(w: &PodWiring) -> Result<Applied, NetnsError> {
     let nl = Nl::new()?;
     let (ifindex, peer_ifindex) = nl.link_by_name(&w.ifname)?;
-    let saved = [sysctl::UNPRIVILEGED_PORT_START.to_string(), sysctl::LOCAL_PORT_RANGE.to_string(), arp_announce_key(&w.ifname)]
-        .into_iter()
-        .map(|k| sysctl::read(&k).map(|v| (k, v)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let saved = [
+        sysctl::UNPRIVILEGED_PORT_START.to_string(),
+        sysctl::LOCAL_PORT_RANGE.to_string(),
+        arp_announce_key(&w.ifname),
+    ]
+    .into_iter()
+    .map(|k| sysctl::read(&k).map(|v| (k, v)))
+    .collect::<Result<Vec<_>, _>>()?;
     match apply_steps(&nl, w, ifindex, &saved) {
-        Ok(()) => Ok(Applied { link: PodLink { ifindex, peer_ifindex }, saved }),
+        Ok(()) => Ok(Applied {
+            link: PodLink {
+                ifindex,
+                peer_ifindex,
+            },
+            saved,
+        }),
         Err(first) => {
             let undo = undo_with(&nl, w, ifindex, &saved);
-            if undo.is_empty() { Err(first) } else { Err(NetnsError::Undo { first: Box::new(first), undo }) }
+            if undo.is_empty() {
+                Err(first)
+            } else {
+                Err(NetnsError::Undo {
+                    first: Box::new(first),
+                    undo,
+                })
+            }
         }
     }
 }
@@ -67,7 +84,11 @@ pub fn apply(w: &PodWiring) -> Result<Applied, NetnsError> {
 pub fn undo(w: &PodWiring, applied: &Applied) -> Result<(), NetnsError> {
     let nl = Nl::new()?;
     let errors = undo_with(&nl, w, applied.link.ifindex, &applied.saved);
-    if errors.is_empty() { Ok(()) } else { Err(NetnsError::Check(errors)) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(NetnsError::Check(errors))
+    }
 }
 
 fn undo_with(nl: &Nl, w: &PodWiring, ifindex: u32, saved: &[(String, String)]) -> Vec<String> {
@@ -156,7 +177,11 @@ fn apply_steps(
         .output_interface(ifindex)
         .protocol(RouteProtocol::Other(PROTO_PORTSLICE))
         .build();
-    tolerate_exists(nl.add(RouteNetlinkMessage::NewRoute(r), false, "adding the route to the node address"))?;
+    tolerate_exists(nl.add(
+        RouteNetlinkMessage::NewRoute(r),
+        false,
+        "adding the route to the node address",
+    ))?;
 
     // Cluster CIDRs keep the private address as source.
     for cidr in &w.cluster_cidrs {
@@ -311,10 +336,15 @@ pub fn check(w: &PodWiring) -> Result<PodLink, NetnsError> {
         None => problems.push("no default route".into()),
     }
     let node_routed = routes.iter().any(|r| {
-        table_of(r) == TABLE_MAIN && r.header.destination_prefix_length == 32 && destination(r) == Some(w.node_ip)
+        table_of(r) == TABLE_MAIN
+            && r.header.destination_prefix_length == 32
+            && destination(r) == Some(w.node_ip)
     });
     if !node_routed {
-        problems.push(format!("no main-table route to the node address {}", w.node_ip));
+        problems.push(format!(
+            "no main-table route to the node address {}",
+            w.node_ip
+        ));
     }
     for cidr in &w.cluster_cidrs {
         let routed = routes.iter().any(|r| {

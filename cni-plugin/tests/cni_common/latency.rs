@@ -32,14 +32,20 @@ pub fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
         let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
         samples[i].as_secs_f64() * 1000.0
     };
-    Percentiles { p50_ms: at(0.50), p99_ms: at(0.99) }
+    Percentiles {
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+    }
 }
 
 /// Runs `runs` ADD/DEL cycles of a slice pod (static range from CNI_ARGS, so no API server) in
 /// the topology `t` (which must have its daemon running).
 pub fn measure(t: &Topology, runs: usize) -> CniLatency {
     let ipam = TempDir::new("ipam");
-    let rt = Runtime { node: &t.node, list: Conflist::ptp("1.0.0", &ipam.0, portslice_conf(t)) };
+    let rt = Runtime {
+        node: &t.node,
+        list: Conflist::ptp("1.0.0", &ipam.0, portslice_conf(t)),
+    };
     let (mut add, mut del, mut chain_add, mut chain_del) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
         let mut pod = CniPod::new("PORTSLICE_RANGE=41000-41099");
@@ -47,7 +53,12 @@ pub fn measure(t: &Topology, runs: usize) -> CniLatency {
         // ptp first (as the chain would), then time portslice alone.
         let prev = {
             let conf = rt.list.conf_for(0, None, None);
-            let inv = super::exec_plugin(Some(&t.node.path()), "ptp", &pod.env("ADD"), &conf.to_string());
+            let inv = super::exec_plugin(
+                Some(&t.node.path()),
+                "ptp",
+                &pod.env("ADD"),
+                &conf.to_string(),
+            );
             assert!(inv.ok(), "ptp ADD: {inv:?}");
             inv.json()
         };
@@ -61,7 +72,12 @@ pub fn measure(t: &Topology, runs: usize) -> CniLatency {
         assert!(inv.ok(), "portslice DEL: {inv:?}");
         del.push(inv.elapsed);
         let conf = rt.list.conf_for(0, pod.result.as_ref(), None);
-        let ptp = super::exec_plugin(Some(&t.node.path()), "ptp", &pod.env("DEL"), &conf.to_string());
+        let ptp = super::exec_plugin(
+            Some(&t.node.path()),
+            "ptp",
+            &pod.env("DEL"),
+            &conf.to_string(),
+        );
         assert!(ptp.ok(), "ptp DEL: {ptp:?}");
         chain_del.push(start.elapsed());
     }

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod latency;
+pub mod loopback;
 
 use std::fs::File;
 use std::io::Write;
@@ -43,24 +44,39 @@ impl Invocation {
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("{} {} printed no JSON ({e}): {self:?}", self.plugin, self.command))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{} {} printed no JSON ({e}): {self:?}",
+                self.plugin, self.command
+            )
+        })
     }
 
     /// The spec's error code from stdout (the invocation must have failed).
     pub fn error_code(&self) -> u64 {
         assert_ne!(self.code, 0, "expected a failure: {self:?}");
-        self.json()["code"].as_u64().unwrap_or_else(|| panic!("no code in {:?}", self.stdout))
+        self.json()["code"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no code in {:?}", self.stdout))
     }
 }
 
 pub fn plugin_path(plugin_type: &str) -> PathBuf {
-    if plugin_type == "portslice" { daemon_binary() } else { Path::new(REF_PLUGINS).join(plugin_type) }
+    if plugin_type == "portslice" {
+        daemon_binary()
+    } else {
+        Path::new(REF_PLUGINS).join(plugin_type)
+    }
 }
 
 /// Runs a plugin binary with `env` and `stdin`, inside the netns at `netns` (setns before exec,
 /// the way a runtime runs in the host netns).
-pub fn exec_plugin(netns: Option<&Path>, plugin_type: &str, env: &[(String, String)], stdin: &str) -> Invocation {
+pub fn exec_plugin(
+    netns: Option<&Path>,
+    plugin_type: &str,
+    env: &[(String, String)],
+    stdin: &str,
+) -> Invocation {
     let mut cmd = Command::new(plugin_path(plugin_type));
     cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -82,10 +98,21 @@ pub fn exec_plugin(netns: Option<&Path>, plugin_type: &str, env: &[(String, Stri
             });
         }
     }
-    let command = env.iter().find(|(k, _)| k == "CNI_COMMAND").map(|(_, v)| v.clone()).unwrap_or_default();
+    let command = env
+        .iter()
+        .find(|(k, _)| k == "CNI_COMMAND")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
     let start = Instant::now();
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {plugin_type}: {e}"));
-    child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("writing stdin");
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {plugin_type}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("writing stdin");
     let out = child.wait_with_output().expect("waiting for the plugin");
     let elapsed = start.elapsed();
     drop(ns_file);
@@ -120,7 +147,11 @@ impl Conflist {
                 "dataDir": ipam_dir,
             }
         });
-        Self { name: format!("psnet{}", unique()), version: version.into(), plugins: vec![ptp, portslice] }
+        Self {
+            name: format!("psnet{}", unique()),
+            version: version.into(),
+            plugins: vec![ptp, portslice],
+        }
     }
 
     /// `bridge` + `host-local`, then `portslice`.
@@ -137,7 +168,11 @@ impl Conflist {
                 "dataDir": ipam_dir,
             }
         });
-        Self { name: format!("psnet{}", unique()), version: version.into(), plugins: vec![b, portslice] }
+        Self {
+            name: format!("psnet{}", unique()),
+            version: version.into(),
+            plugins: vec![b, portslice],
+        }
     }
 
     /// The file cnitool reads.
@@ -146,7 +181,12 @@ impl Conflist {
     }
 
     /// Plugin `i`'s stdin, the way libcni builds it.
-    pub fn conf_for(&self, i: usize, prev: Option<&Value>, runtime_config: Option<&Value>) -> Value {
+    pub fn conf_for(
+        &self,
+        i: usize,
+        prev: Option<&Value>,
+        runtime_config: Option<&Value>,
+    ) -> Value {
         let mut c = self.plugins[i].clone();
         c["name"] = json!(self.name);
         c["cniVersion"] = json!(self.version);
@@ -161,7 +201,9 @@ impl Conflist {
                     out.insert(k.clone(), v.clone());
                 }
             }
-            c.as_object_mut().expect("plugin object").remove("capabilities");
+            c.as_object_mut()
+                .expect("plugin object")
+                .remove("capabilities");
             c["runtimeConfig"] = Value::Object(out);
         }
         c
@@ -191,18 +233,40 @@ pub struct CniPod {
 impl CniPod {
     /// `args` are extra CNI_ARGS (`KEY=VALUE;...`); kubelet-like identity is always there.
     pub fn new(args: &str) -> Self {
+        Self::in_namespace("test", args)
+    }
+
+    /// A pod of Kubernetes namespace `namespace`, named `pod-<container id>`.
+    pub fn in_namespace(namespace: &str, args: &str) -> Self {
         let ns = Netns::new("psc");
         let container_id = format!("cid{}", unique());
-        let mut all = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=test;K8S_POD_NAME=pod-{container_id};K8S_POD_INFRA_CONTAINER_ID={container_id}");
+        let mut all = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=pod-{container_id};K8S_POD_INFRA_CONTAINER_ID={container_id}"
+        );
         if !args.is_empty() {
             all.push(';');
             all.push_str(args);
         }
-        Self { ns, container_id, ifname: "eth0".into(), args: all, runtime_config: None, result: None }
+        Self {
+            ns,
+            container_id,
+            ifname: "eth0".into(),
+            args: all,
+            runtime_config: None,
+            result: None,
+        }
+    }
+
+    /// The Kubernetes pod name in CNI_ARGS.
+    pub fn pod_name(&self) -> String {
+        format!("pod-{}", self.container_id)
     }
 
     pub fn env(&self, command: &str) -> Vec<(String, String)> {
-        let path = format!("{REF_PLUGINS}:{}", daemon_binary().parent().expect("bin dir").display());
+        let path = format!(
+            "{REF_PLUGINS}:{}",
+            daemon_binary().parent().expect("bin dir").display()
+        );
         [
             ("CNI_COMMAND", command.to_string()),
             ("CNI_CONTAINERID", self.container_id.clone()),
@@ -220,7 +284,10 @@ impl CniPod {
     pub fn private_ip(&self) -> Ipv4Addr {
         let r = self.result.as_ref().expect("pod has no result");
         let addr = r["ips"][0]["address"].as_str().expect("address");
-        addr.split('/').next().and_then(|a| a.parse().ok()).expect("IPv4")
+        addr.split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .expect("IPv4")
     }
 }
 
@@ -236,8 +303,15 @@ impl Runtime<'_> {
     pub fn add(&self, pod: &mut CniPod) -> Result<Value, Invocation> {
         let mut prev: Option<Value> = None;
         for (i, p) in self.list.plugins.iter().enumerate() {
-            let conf = self.list.conf_for(i, prev.as_ref(), pod.runtime_config.as_ref());
-            let inv = exec_plugin(Some(&self.node.path()), plugin_type(p), &pod.env("ADD"), &conf.to_string());
+            let conf = self
+                .list
+                .conf_for(i, prev.as_ref(), pod.runtime_config.as_ref());
+            let inv = exec_plugin(
+                Some(&self.node.path()),
+                plugin_type(p),
+                &pod.env("ADD"),
+                &conf.to_string(),
+            );
             if !inv.ok() {
                 return Err(inv);
             }
@@ -251,14 +325,26 @@ impl Runtime<'_> {
     pub fn exec_last(&self, pod: &CniPod, command: &str, prev: Option<&Value>) -> Invocation {
         let i = self.list.plugins.len() - 1;
         let conf = self.list.conf_for(i, prev, pod.runtime_config.as_ref());
-        exec_plugin(Some(&self.node.path()), "portslice", &pod.env(command), &conf.to_string())
+        exec_plugin(
+            Some(&self.node.path()),
+            "portslice",
+            &pod.env(command),
+            &conf.to_string(),
+        )
     }
 
     /// CHECK through the chain with the cached result.
     pub fn check(&self, pod: &CniPod) -> Result<(), Invocation> {
         for (i, p) in self.list.plugins.iter().enumerate() {
-            let conf = self.list.conf_for(i, pod.result.as_ref(), pod.runtime_config.as_ref());
-            let inv = exec_plugin(Some(&self.node.path()), plugin_type(p), &pod.env("CHECK"), &conf.to_string());
+            let conf = self
+                .list
+                .conf_for(i, pod.result.as_ref(), pod.runtime_config.as_ref());
+            let inv = exec_plugin(
+                Some(&self.node.path()),
+                plugin_type(p),
+                &pod.env("CHECK"),
+                &conf.to_string(),
+            );
             if !inv.ok() {
                 return Err(inv);
             }
@@ -269,8 +355,15 @@ impl Runtime<'_> {
     /// DEL in reverse order with the cached result (if any).
     pub fn del(&self, pod: &CniPod) -> Result<(), Invocation> {
         for (i, p) in self.list.plugins.iter().enumerate().rev() {
-            let conf = self.list.conf_for(i, pod.result.as_ref(), pod.runtime_config.as_ref());
-            let inv = exec_plugin(Some(&self.node.path()), plugin_type(p), &pod.env("DEL"), &conf.to_string());
+            let conf = self
+                .list
+                .conf_for(i, pod.result.as_ref(), pod.runtime_config.as_ref());
+            let inv = exec_plugin(
+                Some(&self.node.path()),
+                plugin_type(p),
+                &pod.env("DEL"),
+                &conf.to_string(),
+            );
             if !inv.ok() {
                 return Err(inv);
             }
@@ -310,7 +403,11 @@ pub fn leftovers(ns: &Netns) -> Vec<String> {
         out.push(format!("node address still there: {addrs}"));
     }
     let rules = ns.ip(&["-4", "rule"]);
-    if rules.contains("proto 83") || !rules.lines().any(|l| l.starts_with("0:") && l.contains("lookup local")) {
+    if rules.contains("proto 83")
+        || !rules
+            .lines()
+            .any(|l| l.starts_with("0:") && l.contains("lookup local"))
+    {
         out.push(format!("rules not restored: {rules}"));
     }
     let routes = ns.ip(&["-4", "route"]);
@@ -323,9 +420,17 @@ pub fn leftovers(ns: &Netns) -> Vec<String> {
 /// The datapath's attachments for `container_id` (opened from the node netns).
 pub fn datapath_has(t: &Topology, container_id: &str) -> bool {
     let id = container_id.to_string();
-    t.with_datapath(move |dp| dp.list_pods().expect("list_pods").iter().any(|p| p.container_id == id))
+    t.with_datapath(move |dp| {
+        dp.list_pods()
+            .expect("list_pods")
+            .iter()
+            .any(|p| p.container_id == id)
+    })
 }
 
 pub fn sysctl_in(ns: &Netns, key: &str) -> String {
-    ns.run("cat", &[&format!("/proc/sys/{}", key.replace('.', "/"))]).split_whitespace().collect::<Vec<_>>().join(" ")
+    ns.run("cat", &[&format!("/proc/sys/{}", key.replace('.', "/"))])
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }

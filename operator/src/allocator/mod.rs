@@ -18,7 +18,11 @@ pub enum AllocError<K> {
     #[error("no free range of {size} ports left in the pool (largest free range: {largest_free})")]
     Exhausted { size: u32, largest_free: u32 },
     #[error("ports {wanted} overlap {held}, which is already held")]
-    Conflict { wanted: PortRange, held: PortRange, holder: K },
+    Conflict {
+        wanted: PortRange,
+        held: PortRange,
+        holder: K,
+    },
     #[error("a slice needs between 1 and 65535 ports, not {0}")]
     InvalidSize(u32),
 }
@@ -51,7 +55,13 @@ impl<K: Clone + Eq + Hash> Allocator<K> {
     pub fn new(pools: &[PortRange]) -> Result<Self, PoolError> {
         let pools = normalize(pools)?;
         let pool_size = pools.iter().map(PortRange::len).sum();
-        Ok(Self { pools, pool_size, by_start: BTreeMap::new(), by_key: HashMap::new(), used_in_pool: 0 })
+        Ok(Self {
+            pools,
+            pool_size,
+            by_start: BTreeMap::new(),
+            by_key: HashMap::new(),
+            used_in_pool: 0,
+        })
     }
 
     /// Rebuilds the table from existing allocations (the statuses), in the order given: callers
@@ -88,11 +98,17 @@ impl<K: Clone + Eq + Hash> Allocator<K> {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&K, PortRange)> {
-        self.by_start.iter().map(|(&start, (end, k))| (k, PortRange { start, end: *end }))
+        self.by_start
+            .iter()
+            .map(|(&start, (end, k))| (k, PortRange { start, end: *end }))
     }
 
     pub fn stats(&self) -> PoolStats {
-        PoolStats { size: self.pool_size, used: self.used_in_pool, free: self.pool_size - self.used_in_pool }
+        PoolStats {
+            size: self.pool_size,
+            used: self.used_in_pool,
+            free: self.pool_size - self.used_in_pool,
+        }
     }
 
     /// The held range overlapping `range`, if any, with its holder.
@@ -115,7 +131,11 @@ impl<K: Clone + Eq + Hash> Allocator<K> {
         }
         let previous = self.release(&key);
         if let Some((held, holder)) = self.overlapping(&range) {
-            let err = AllocError::Conflict { wanted: range, held, holder: holder.clone() };
+            let err = AllocError::Conflict {
+                wanted: range,
+                held,
+                holder: holder.clone(),
+            };
             if let Some(prev) = previous {
                 self.insert(key, prev);
             }
@@ -139,7 +159,10 @@ impl<K: Clone + Eq + Hash> Allocator<K> {
             let mut cursor = u32::from(pool.start);
             let pool_end = u32::from(pool.end);
             // A held range (e.g. an exact reservation) may straddle the pool's start.
-            if let Some((held, _)) = self.overlapping(&PortRange { start: pool.start, end: pool.start }) {
+            if let Some((held, _)) = self.overlapping(&PortRange {
+                start: pool.start,
+                end: pool.start,
+            }) {
                 cursor = u32::from(held.end) + 1;
             }
             for (&start, (end, _)) in self.by_start.range(pool.start..=pool.end) {
@@ -174,7 +197,10 @@ impl<K: Clone + Eq + Hash> Allocator<K> {
 
     fn take(&mut self, key: K, start: u32, size: u32) -> PortRange {
         // start + size - 1 <= pool end <= 65535, so both fit in u16.
-        let range = PortRange { start: start as u16, end: (start + size - 1) as u16 };
+        let range = PortRange {
+            start: start as u16,
+            end: (start + size - 1) as u16,
+        };
         self.insert(key, range);
         range
     }

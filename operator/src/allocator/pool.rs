@@ -18,8 +18,14 @@ pub enum PoolError {
 pub fn normalize(ranges: &[PortRange]) -> Result<Vec<PortRange>, PoolError> {
     let mut cut: Vec<(u32, u32)> = Vec::new();
     for r in ranges {
-        let (start, end) = (u32::from(r.start).max(u32::from(FIRST_UNPRIVILEGED_PORT)), u32::from(r.end));
-        let (ns, ne) = (u32::from(NODE_PORT_RANGE.start), u32::from(NODE_PORT_RANGE.end));
+        let (start, end) = (
+            u32::from(r.start).max(u32::from(FIRST_UNPRIVILEGED_PORT)),
+            u32::from(r.end),
+        );
+        let (ns, ne) = (
+            u32::from(NODE_PORT_RANGE.start),
+            u32::from(NODE_PORT_RANGE.end),
+        );
         for (s, e) in [(start, end.min(ns - 1)), (start.max(ne + 1), end)] {
             if s <= e {
                 cut.push((s, e));
@@ -35,12 +41,17 @@ pub fn normalize(ranges: &[PortRange]) -> Result<Vec<PortRange>, PoolError> {
         }
     }
     if merged.is_empty() {
-        return Err(PoolError::Empty(ranges.iter().map(ToString::to_string).collect()));
+        return Err(PoolError::Empty(
+            ranges.iter().map(ToString::to_string).collect(),
+        ));
     }
     // Both bounds came from u16 values, so they fit back.
     Ok(merged
         .into_iter()
-        .map(|(s, e)| PortRange { start: s as u16, end: e as u16 })
+        .map(|(s, e)| PortRange {
+            start: s as u16,
+            end: e as u16,
+        })
         .collect())
 }
 
@@ -63,14 +74,24 @@ mod tests {
 
     #[test]
     fn cuts_out_node_ports_and_privileged_ports() {
-        assert_eq!(normalize(&[r(1, 65535)]), Ok(vec![r(1024, 29999), r(32768, 65535)]));
+        assert_eq!(
+            normalize(&[r(1, 65535)]),
+            Ok(vec![r(1024, 29999), r(32768, 65535)])
+        );
         assert_eq!(normalize(&[r(31000, 40000)]), Ok(vec![r(32768, 40000)]));
     }
 
     #[test]
     fn merges_and_sorts_ranges() {
-        assert_eq!(normalize(&[r(50000, 50010), r(40000, 40010), r(40005, 40020), r(40021, 40030)]),
-            Ok(vec![r(40000, 40030), r(50000, 50010)]));
+        assert_eq!(
+            normalize(&[
+                r(50000, 50010),
+                r(40000, 40010),
+                r(40005, 40020),
+                r(40021, 40030)
+            ]),
+            Ok(vec![r(40000, 40030), r(50000, 50010)])
+        );
     }
 
     #[test]

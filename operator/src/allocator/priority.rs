@@ -36,7 +36,10 @@ mod tests {
     fn claim(key: &str, created: i64, s: u16, e: u16) -> Claim<String> {
         Claim {
             key: key.into(),
-            age: Age { created_unix: created, tiebreak: key.into() },
+            age: Age {
+                created_unix: created,
+                tiebreak: key.into(),
+            },
             ports: PortRange { start: s, end: e },
         }
     }

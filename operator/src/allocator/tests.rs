@@ -35,8 +35,21 @@ fn allocation_is_idempotent_per_slice() {
 fn exhaustion_reports_the_largest_free_run() {
     let mut t = table(&[r(40000, 40009)]);
     assert_eq!(t.allocate(1, 4), Ok(r(40000, 40003)));
-    assert_eq!(t.allocate(2, 7), Err(AllocError::Exhausted { size: 7, largest_free: 6 }));
-    assert_eq!(t.stats(), PoolStats { size: 10, used: 4, free: 6 });
+    assert_eq!(
+        t.allocate(2, 7),
+        Err(AllocError::Exhausted {
+            size: 7,
+            largest_free: 6
+        })
+    );
+    assert_eq!(
+        t.stats(),
+        PoolStats {
+            size: 10,
+            used: 4,
+            free: 6
+        }
+    );
     t.release(&1);
     assert_eq!(t.allocate(2, 7), Ok(r(40000, 40006)));
 }
@@ -46,8 +59,14 @@ fn never_hands_out_node_ports_or_privileged_ports() {
     let mut t = table(&[r(1, 65535)]);
     let mut key = 0;
     while let Ok(range) = t.allocate(key, 1000) {
-        assert!(!range.overlaps(&portslice_crds::NODE_PORT_RANGE), "{range} is in the NodePort range");
-        assert!(range.start >= FIRST_UNPRIVILEGED_PORT, "{range} is privileged");
+        assert!(
+            !range.overlaps(&portslice_crds::NODE_PORT_RANGE),
+            "{range} is in the NodePort range"
+        );
+        assert!(
+            range.start >= FIRST_UNPRIVILEGED_PORT,
+            "{range} is privileged"
+        );
         key += 1;
     }
 }
@@ -60,7 +79,11 @@ fn exact_requests_may_lie_anywhere_but_never_overlap() {
     assert_eq!(t.record(3, r(40000, 40004)), Ok(r(40000, 40004)));
     assert_eq!(
         t.record(4, r(40004, 40010)),
-        Err(AllocError::Conflict { wanted: r(40004, 40010), held: r(40000, 40004), holder: 3 })
+        Err(AllocError::Conflict {
+            wanted: r(40004, 40010),
+            held: r(40000, 40004),
+            holder: 3
+        })
     );
     // A size request skips the reserved ports.
     assert_eq!(t.allocate(5, 3), Ok(r(40005, 40007)));
@@ -86,8 +109,11 @@ fn a_failed_record_keeps_the_previous_range() {
 
 #[test]
 fn rebuild_lets_the_first_given_keep_overlapping_ports() {
-    let (t, rejected) =
-        Allocator::rebuild(&[r(40000, 40099)], [(1u32, r(40000, 40009)), (2, r(40005, 40015))]).unwrap();
+    let (t, rejected) = Allocator::rebuild(
+        &[r(40000, 40099)],
+        [(1u32, r(40000, 40009)), (2, r(40005, 40015))],
+    )
+    .unwrap();
     assert_eq!(t.get(&1), Some(r(40000, 40009)));
     assert_eq!(t.get(&2), None);
     assert_eq!(rejected.len(), 1);
@@ -97,7 +123,10 @@ fn rebuild_lets_the_first_given_keep_overlapping_ports() {
 fn edge_of_the_port_space_does_not_overflow() {
     let mut t = table(&[r(65530, 65535)]);
     assert_eq!(t.allocate(1, 6), Ok(r(65530, 65535)));
-    assert!(matches!(t.allocate(2, 1), Err(AllocError::Exhausted { .. })));
+    assert!(matches!(
+        t.allocate(2, 1),
+        Err(AllocError::Exhausted { .. })
+    ));
     assert_eq!(t.allocate(3, 0), Err(AllocError::InvalidSize(0)));
     assert_eq!(t.allocate(3, 70000), Err(AllocError::InvalidSize(70000)));
 }
@@ -118,7 +147,10 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn pools() -> impl Strategy<Value = Vec<PortRange>> {
-    prop::collection::vec((1024u16..3000, 0u16..800).prop_map(|(s, n)| r(s, s.saturating_add(n))), 1..4)
+    prop::collection::vec(
+        (1024u16..3000, 0u16..800).prop_map(|(s, n)| r(s, s.saturating_add(n))),
+        1..4,
+    )
 }
 
 fn assert_disjoint(t: &Allocator<u32>) {

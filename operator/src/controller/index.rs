@@ -13,12 +13,12 @@
 //!   to be dropped only once a direct GET proves the slice is gone.
 use std::collections::{HashMap, HashSet};
 
-use kube::{Resource, ResourceExt};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
 use portslice_crds::{PortRange, PortSlice};
 
-use crate::allocator::{AllocError, Allocator, Age, Claim, PoolError, PoolStats, older_claim};
+use crate::allocator::{Age, AllocError, Allocator, Claim, PoolError, PoolStats, older_claim};
 
 /// Identity of one PortSlice object (a recreated slice with the same name is a different one).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -46,8 +46,16 @@ impl std::fmt::Display for SliceId {
 
 pub fn age_of(obj: &PortSlice) -> Age {
     Age {
-        created_unix: obj.creation_timestamp().map(|t| t.0.as_second()).unwrap_or(i64::MAX),
-        tiebreak: format!("{}/{}/{}", obj.namespace().unwrap_or_default(), obj.name_any(), obj.uid().unwrap_or_default()),
+        created_unix: obj
+            .creation_timestamp()
+            .map(|t| t.0.as_second())
+            .unwrap_or(i64::MAX),
+        tiebreak: format!(
+            "{}/{}/{}",
+            obj.namespace().unwrap_or_default(),
+            obj.name_any(),
+            obj.uid().unwrap_or_default()
+        ),
     }
 }
 
@@ -122,7 +130,10 @@ impl SliceIndex {
             }
             watcher::Event::InitApply(obj) => {
                 if let Some(buf) = self.relist.as_mut() {
-                    let ports = obj.spec.ports.filter(|_| obj.meta().deletion_timestamp.is_none());
+                    let ports = obj
+                        .spec
+                        .ports
+                        .filter(|_| obj.meta().deletion_timestamp.is_none());
                     buf.push((SliceId::of(obj), age_of(obj), status_range(obj), ports));
                 }
                 Observed::default()
@@ -149,23 +160,33 @@ impl SliceIndex {
         let id = SliceId::of(obj);
         self.claims.remove(&id);
         self.waiting.remove(&ObjectRef::from_obj(obj));
-        Observed { freed: self.table.release(&id).is_some(), ..Observed::default() }
+        Observed {
+            freed: self.table.release(&id).is_some(),
+            ..Observed::default()
+        }
     }
 
     fn init_done(&mut self) -> Observed {
         let listed = self.relist.take().unwrap_or_default();
         let mut seen = Observed::default();
         // Oldest first: if two statuses ever overlapped, the older slice keeps its ports.
-        let mut held: Vec<(&SliceId, &Age, PortRange)> =
-            listed.iter().filter_map(|(id, age, r, _)| r.map(|r| (id, age, r))).collect();
+        let mut held: Vec<(&SliceId, &Age, PortRange)> = listed
+            .iter()
+            .filter_map(|(id, age, r, _)| r.map(|r| (id, age, r)))
+            .collect();
         held.sort_by(|a, b| a.1.cmp(b.1));
-        let (mut table, rejected) = match Allocator::rebuild(&self.pools, held.iter().map(|(id, _, r)| ((*id).clone(), *r))) {
+        let (mut table, rejected) = match Allocator::rebuild(
+            &self.pools,
+            held.iter().map(|(id, _, r)| ((*id).clone(), *r)),
+        ) {
             Ok(rebuilt) => rebuilt,
             // The pools were accepted by `new`; rebuilding over them cannot fail.
             Err(_) => return seen,
         };
         for (id, err) in rejected {
-            if let (AllocError::Conflict { holder, .. }, Some(r)) = (err, held.iter().find(|h| *h.0 == id).map(|h| h.2)) {
+            if let (AllocError::Conflict { holder, .. }, Some(r)) =
+                (err, held.iter().find(|h| *h.0 == id).map(|h| h.2))
+            {
                 seen.overlaps.push((id, r, holder));
             }
         }
@@ -188,7 +209,16 @@ impl SliceIndex {
             .iter()
             .filter(|(_, _, r, ports)| r.is_none() && ports.is_some())
             .filter_map(|(id, age, _, ports)| {
-                ports.map(|p| (id.clone(), Claim { key: id.clone(), age: age.clone(), ports: p }))
+                ports.map(|p| {
+                    (
+                        id.clone(),
+                        Claim {
+                            key: id.clone(),
+                            age: age.clone(),
+                            ports: p,
+                        },
+                    )
+                })
             })
             .collect();
         let first_sync = !self.synced;
@@ -200,8 +230,17 @@ impl SliceIndex {
 
     fn update_claim(&mut self, obj: &PortSlice, id: &SliceId) {
         match obj.spec.ports {
-            Some(ports) if status_range(obj).is_none() && obj.meta().deletion_timestamp.is_none() => {
-                self.claims.insert(id.clone(), Claim { key: id.clone(), age: age_of(obj), ports });
+            Some(ports)
+                if status_range(obj).is_none() && obj.meta().deletion_timestamp.is_none() =>
+            {
+                self.claims.insert(
+                    id.clone(),
+                    Claim {
+                        key: id.clone(),
+                        age: age_of(obj),
+                        ports,
+                    },
+                );
             }
             _ => {
                 self.claims.remove(id);
@@ -216,22 +255,39 @@ impl SliceIndex {
 
     /// Reserves exact ports for `id`, unless another slice holds them or an older slice asks
     /// for them too.
-    pub fn reserve_exact(&mut self, id: &SliceId, age: Age, ports: PortRange) -> Result<PortRange, ExactRefusal> {
+    pub fn reserve_exact(
+        &mut self,
+        id: &SliceId,
+        age: Age,
+        ports: PortRange,
+    ) -> Result<PortRange, ExactRefusal> {
         if self.table.get(id) == Some(ports) {
             return Ok(ports);
         }
-        let me = Claim { key: id.clone(), age, ports };
+        let me = Claim {
+            key: id.clone(),
+            age,
+            ports,
+        };
         if let Some(older) = older_claim(&me, self.claims.values()) {
-            return Err(ExactRefusal::OlderClaim { claimant: older.key.clone(), ports: older.ports });
+            return Err(ExactRefusal::OlderClaim {
+                claimant: older.key.clone(),
+                ports: older.ports,
+            });
         }
         match self.table.record(id.clone(), ports) {
             Ok(r) => {
                 self.claims.remove(id);
                 Ok(r)
             }
-            Err(AllocError::Conflict { holder, held, .. }) => Err(ExactRefusal::Held { holder, held }),
+            Err(AllocError::Conflict { holder, held, .. }) => {
+                Err(ExactRefusal::Held { holder, held })
+            }
             // `ports` is a valid PortRange; record refuses nothing else.
-            Err(_) => Err(ExactRefusal::Held { holder: id.clone(), held: ports }),
+            Err(_) => Err(ExactRefusal::Held {
+                holder: id.clone(),
+                held: ports,
+            }),
         }
     }
 
@@ -273,27 +329,44 @@ mod tests {
                 name: Some(name.into()),
                 namespace: Some("ns".into()),
                 uid: Some(format!("uid-{name}")),
-                creation_timestamp: Some(Time(k8s_openapi::jiff::Timestamp::from_second(created).unwrap())),
+                creation_timestamp: Some(Time(
+                    k8s_openapi::jiff::Timestamp::from_second(created).unwrap(),
+                )),
                 ..ObjectMeta::default()
             },
-            spec: PortSliceSpec { size: Some(10), ports: None, protocols: vec![Protocol::TCP] },
+            spec: PortSliceSpec {
+                size: Some(10),
+                ports: None,
+                protocols: vec![Protocol::TCP],
+            },
             status: None,
         }
     }
 
     fn exact(name: &str, created: i64, s: u16, e: u16) -> PortSlice {
         let mut p = slice(name, created);
-        p.spec = PortSliceSpec { size: None, ports: Some(PortRange { start: s, end: e }), protocols: vec![] };
+        p.spec = PortSliceSpec {
+            size: None,
+            ports: Some(PortRange { start: s, end: e }),
+            protocols: vec![],
+        };
         p
     }
 
     fn holding(mut p: PortSlice, s: u16, e: u16) -> PortSlice {
-        p.status = Some(PortSliceStatus { range: Some(PortRange { start: s, end: e }), ..Default::default() });
+        p.status = Some(PortSliceStatus {
+            range: Some(PortRange { start: s, end: e }),
+            ..Default::default()
+        });
         p
     }
 
     fn index() -> SliceIndex {
-        SliceIndex::new(&[PortRange { start: 40000, end: 40099 }]).unwrap()
+        SliceIndex::new(&[PortRange {
+            start: 40000,
+            end: 40099,
+        }])
+        .unwrap()
     }
 
     fn sync(ix: &mut SliceIndex, objs: &[PortSlice]) -> Observed {
@@ -308,12 +381,22 @@ mod tests {
     fn is_not_synced_until_the_first_list_is_complete() {
         let mut ix = index();
         ix.observe(&watcher::Event::Init);
-        ix.observe(&watcher::Event::InitApply(holding(slice("a", 1), 40000, 40009)));
+        ix.observe(&watcher::Event::InitApply(holding(
+            slice("a", 1),
+            40000,
+            40009,
+        )));
         assert!(!ix.synced());
         ix.observe(&watcher::Event::InitDone);
         assert!(ix.synced());
         // The listed status is respected: the next allocation goes after it.
-        assert_eq!(ix.allocate(&SliceId::of(&slice("b", 2)), 10), Ok(PortRange { start: 40010, end: 40019 }));
+        assert_eq!(
+            ix.allocate(&SliceId::of(&slice("b", 2)), 10),
+            Ok(PortRange {
+                start: 40010,
+                end: 40019
+            })
+        );
     }
 
     #[test]
@@ -322,10 +405,25 @@ mod tests {
         sync(&mut ix, &[]);
         let a = slice("a", 1);
         let id = SliceId::of(&a);
-        assert_eq!(ix.allocate(&id, 10), Ok(PortRange { start: 40000, end: 40009 }));
+        assert_eq!(
+            ix.allocate(&id, 10),
+            Ok(PortRange {
+                start: 40000,
+                end: 40009
+            })
+        );
         // An event without the range (our write in flight) keeps the reservation.
-        assert_eq!(ix.observe(&watcher::Event::Apply(a.clone())), Observed::default());
-        assert_eq!(ix.range_of(&id), Some(PortRange { start: 40000, end: 40009 }));
+        assert_eq!(
+            ix.observe(&watcher::Event::Apply(a.clone())),
+            Observed::default()
+        );
+        assert_eq!(
+            ix.range_of(&id),
+            Some(PortRange {
+                start: 40000,
+                end: 40009
+            })
+        );
         let seen = ix.observe(&watcher::Event::Delete(holding(a, 40000, 40009)));
         assert!(seen.freed);
         assert_eq!(ix.range_of(&id), None);
@@ -336,13 +434,43 @@ mod tests {
         let mut ix = index();
         let (old, new) = (exact("old", 1, 5060, 5061), exact("new", 2, 5061, 5061));
         sync(&mut ix, &[new.clone(), old.clone()]);
-        let refusal = ix.reserve_exact(&SliceId::of(&new), age_of(&new), PortRange { start: 5061, end: 5061 });
+        let refusal = ix.reserve_exact(
+            &SliceId::of(&new),
+            age_of(&new),
+            PortRange {
+                start: 5061,
+                end: 5061,
+            },
+        );
         assert_eq!(
             refusal,
-            Err(ExactRefusal::OlderClaim { claimant: SliceId::of(&old), ports: PortRange { start: 5060, end: 5061 } })
+            Err(ExactRefusal::OlderClaim {
+                claimant: SliceId::of(&old),
+                ports: PortRange {
+                    start: 5060,
+                    end: 5061
+                }
+            })
         );
-        assert!(ix.reserve_exact(&SliceId::of(&old), age_of(&old), PortRange { start: 5060, end: 5061 }).is_ok());
-        let refusal = ix.reserve_exact(&SliceId::of(&new), age_of(&new), PortRange { start: 5061, end: 5061 });
+        assert!(
+            ix.reserve_exact(
+                &SliceId::of(&old),
+                age_of(&old),
+                PortRange {
+                    start: 5060,
+                    end: 5061
+                }
+            )
+            .is_ok()
+        );
+        let refusal = ix.reserve_exact(
+            &SliceId::of(&new),
+            age_of(&new),
+            PortRange {
+                start: 5061,
+                end: 5061,
+            },
+        );
         assert!(matches!(refusal, Err(ExactRefusal::Held { .. })));
     }
 
@@ -361,10 +489,19 @@ mod tests {
     #[test]
     fn overlapping_statuses_are_reported_and_the_older_keeps_its_ports() {
         let mut ix = index();
-        let (a, b) = (holding(slice("a", 1), 40000, 40009), holding(slice("b", 2), 40005, 40014));
+        let (a, b) = (
+            holding(slice("a", 1), 40000, 40009),
+            holding(slice("b", 2), 40005, 40014),
+        );
         let seen = sync(&mut ix, &[b.clone(), a.clone()]);
         assert_eq!(seen.overlaps.len(), 1);
         assert_eq!(seen.overlaps[0].0, SliceId::of(&b));
-        assert_eq!(ix.range_of(&SliceId::of(&a)), Some(PortRange { start: 40000, end: 40009 }));
+        assert_eq!(
+            ix.range_of(&SliceId::of(&a)),
+            Some(PortRange {
+                start: 40000,
+                end: 40009
+            })
+        );
     }
 }

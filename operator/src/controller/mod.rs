@@ -52,7 +52,9 @@ impl Shared {
     fn index(&self) -> MutexGuard<'_, SliceIndex> {
         // A panic while holding the lock leaves the table as it was before the failed call:
         // every index method validates before it mutates. Carry on with it.
-        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn synced(&self) -> bool {
@@ -108,7 +110,9 @@ impl Shared {
                     info!(slice = %id, "slice is gone; freeing its range");
                     freed |= self.index().forget(&id);
                 }
-                Err(e) => warn!(slice = %id, error = %e, "cannot verify that the slice is gone; keeping its range"),
+                Err(e) => {
+                    warn!(slice = %id, error = %e, "cannot verify that the slice is gone; keeping its range")
+                }
             }
         }
         if freed {
@@ -147,7 +151,10 @@ pub async fn run(
     });
     shared.publish_pool();
     let (slice_api, pod_api): (Api<PortSlice>, Api<Pod>) = match &config.watch_namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
 
@@ -177,10 +184,20 @@ pub async fn run(
 
     let recorder = Recorder::new(
         client.clone(),
-        Reporter { controller: MANAGER.into(), instance: Some(config.identity.clone()) },
+        Reporter {
+            controller: MANAGER.into(),
+            instance: Some(config.identity.clone()),
+        },
     );
     let concurrency = config.concurrency;
-    let ctx = Arc::new(Context { client, recorder, metrics, config, pods: pod_store, shared });
+    let ctx = Arc::new(Context {
+        client,
+        recorder,
+        metrics,
+        config,
+        pods: pod_store,
+        shared,
+    });
     info!("controller starting");
     Controller::for_stream(slices, slice_store)
         .watches_stream(pods, |pod: Pod| pods::slice_of(&pod))

@@ -17,7 +17,10 @@ pub fn slice_of(pod: &Pod) -> Option<ObjectRef<PortSlice>> {
 /// A pod that has stopped for good no longer holds ports. A pending pod may still start with
 /// the slice's range, so it counts as holding it.
 pub fn holds_ports(pod: &Pod) -> bool {
-    !matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+    !matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
 }
 
 /// Pods of `slice` that hold its range (running, starting, or not yet scheduled).
@@ -25,7 +28,10 @@ pub fn members<'a>(slice: &PortSlice, pods: impl IntoIterator<Item = &'a Pod>) -
     let ns = slice.namespace();
     let name = slice.name_any();
     pods.into_iter()
-        .filter(|p| p.namespace() == ns && p.annotations().get(SLICE_ANNOTATION).map(|a| a.trim()) == Some(name.as_str()))
+        .filter(|p| {
+            p.namespace() == ns
+                && p.annotations().get(SLICE_ANNOTATION).map(|a| a.trim()) == Some(name.as_str())
+        })
         .filter(|p| holds_ports(p))
         .collect()
 }
@@ -36,7 +42,10 @@ pub fn slivers(members: &[&Pod]) -> Vec<Sliver> {
         .iter()
         .filter_map(|p| {
             let node = p.spec.as_ref()?.node_name.clone()?;
-            Some(Sliver { node, pod: p.name_any() })
+            Some(Sliver {
+                node,
+                pod: p.name_any(),
+            })
         })
         .collect();
     out.sort();
@@ -45,10 +54,11 @@ pub fn slivers(members: &[&Pod]) -> Vec<Sliver> {
 
 /// Keeps only what the operator reads, so that watching every pod of a big cluster stays cheap.
 pub fn strip(pod: &mut Pod) {
-    let annotations = pod
-        .annotations()
-        .get(SLICE_ANNOTATION)
-        .map(|v| [(SLICE_ANNOTATION.to_string(), v.clone())].into_iter().collect());
+    let annotations = pod.annotations().get(SLICE_ANNOTATION).map(|v| {
+        [(SLICE_ANNOTATION.to_string(), v.clone())]
+            .into_iter()
+            .collect()
+    });
     let meta = std::mem::take(&mut pod.metadata);
     pod.metadata = ObjectMeta {
         name: meta.name,
@@ -60,9 +70,16 @@ pub fn strip(pod: &mut Pod) {
         ..ObjectMeta::default()
     };
     let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-    pod.spec = Some(PodSpec { node_name, containers: Vec::new(), ..PodSpec::default() });
+    pod.spec = Some(PodSpec {
+        node_name,
+        containers: Vec::new(),
+        ..PodSpec::default()
+    });
     let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
-    pod.status = Some(PodStatus { phase, ..PodStatus::default() });
+    pod.status = Some(PodStatus {
+        phase,
+        ..PodStatus::default()
+    });
 }
 
 #[cfg(test)]
@@ -75,24 +92,44 @@ mod tests {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("ns".into()),
-                annotations: slice.map(|s| [(SLICE_ANNOTATION.to_string(), s.to_string())].into_iter().collect()),
+                annotations: slice.map(|s| {
+                    [(SLICE_ANNOTATION.to_string(), s.to_string())]
+                        .into_iter()
+                        .collect()
+                }),
                 labels: Some([("app".to_string(), "x".to_string())].into_iter().collect()),
                 ..ObjectMeta::default()
             },
-            spec: Some(PodSpec { node_name: node.map(Into::into), ..PodSpec::default() }),
-            status: Some(PodStatus { phase: Some(phase.into()), ..PodStatus::default() }),
+            spec: Some(PodSpec {
+                node_name: node.map(Into::into),
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                ..PodStatus::default()
+            }),
         }
     }
 
     fn slice(name: &str) -> PortSlice {
-        let mut s = PortSlice::new(name, PortSliceSpec { size: Some(1), ports: None, protocols: vec![] });
+        let mut s = PortSlice::new(
+            name,
+            PortSliceSpec {
+                size: Some(1),
+                ports: None,
+                protocols: vec![],
+            },
+        );
         s.metadata.namespace = Some("ns".into());
         s
     }
 
     #[test]
     fn maps_annotated_pods_to_their_slice() {
-        assert_eq!(slice_of(&pod("p", Some("media"), None, "Running")), Some(ObjectRef::new("media").within("ns")));
+        assert_eq!(
+            slice_of(&pod("p", Some("media"), None, "Running")),
+            Some(ObjectRef::new("media").within("ns"))
+        );
         assert_eq!(slice_of(&pod("p", None, None, "Running")), None);
         assert_eq!(slice_of(&pod("p", Some(" "), None, "Running")), None);
     }
@@ -112,7 +149,16 @@ mod tests {
         let s = slivers(&m);
         assert_eq!(
             s,
-            vec![Sliver { node: "node1".into(), pod: "a".into() }, Sliver { node: "node2".into(), pod: "b".into() }]
+            vec![
+                Sliver {
+                    node: "node1".into(),
+                    pod: "a".into()
+                },
+                Sliver {
+                    node: "node2".into(),
+                    pod: "b".into()
+                }
+            ]
         );
     }
 

@@ -42,7 +42,9 @@ impl Error {
             Error::NoNamespace(_) => "no_namespace",
             Error::Held(_) => "held",
             Error::Finalizer(e) => match e.as_ref() {
-                finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => inner.label(),
+                finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
+                    inner.label()
+                }
                 finalizer::Error::AddFinalizer(_) => "add_finalizer",
                 finalizer::Error::RemoveFinalizer(_) => "remove_finalizer",
                 _ => "finalizer",
@@ -74,7 +76,9 @@ pub async fn reconcile(obj: Arc<PortSlice>, ctx: Arc<Context>) -> Result<Action,
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
     let started = Instant::now();
-    let ns = obj.namespace().ok_or_else(|| Error::NoNamespace(obj.name_any()))?;
+    let ns = obj
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(obj.name_any()))?;
     let api: Api<PortSlice> = Api::namespaced(ctx.client.clone(), &ns);
     let result = finalizer::finalizer(&api, FINALIZER, obj, |event| async {
         match event {
@@ -93,7 +97,10 @@ pub fn error_policy(obj: Arc<PortSlice>, error: &Error, ctx: Arc<Context>) -> Ac
         return Action::requeue(wait);
     }
     let label = error.label();
-    ctx.metrics.reconcile_errors.get_or_create(&ErrorLabels { error: label }).inc();
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels { error: label })
+        .inc();
     if label == "conflict" {
         // Our copy was stale; the watch event with the fresh one is on its way.
         return Action::requeue(Duration::from_millis(250));
@@ -109,11 +116,17 @@ async fn apply(obj: &PortSlice, ctx: &Context, api: &Api<PortSlice>) -> Result<A
     match &outcome {
         Outcome::Waiting { reason, .. } => {
             ctx.index().wait(oref);
-            ctx.metrics.waiting.get_or_create(&crate::metrics::OutcomeLabels { reason }).inc();
+            ctx.metrics
+                .waiting
+                .get_or_create(&crate::metrics::OutcomeLabels { reason })
+                .inc();
         }
         _ => ctx.index().stop_waiting(&oref),
     }
-    let slivers = pods::slivers(&pods::members(obj, ctx.pods.state().iter().map(AsRef::as_ref)));
+    let slivers = pods::slivers(&pods::members(
+        obj,
+        ctx.pods.state().iter().map(AsRef::as_ref),
+    ));
     let newly_allocated = matches!(outcome, Outcome::Allocated { range } if obj.status.as_ref().and_then(|s| s.range) != Some(range));
     let reason_changed = current_reason(obj.status.as_ref()) != Some(outcome.reason());
     write_status(obj, api, &outcome, slivers, None).await?;
@@ -159,7 +172,9 @@ fn decide(obj: &PortSlice, ctx: &Context) -> Outcome {
                     pools_text(&ctx.config.pools)
                 ),
             },
-            Err(e) => Outcome::Invalid { message: e.to_string() },
+            Err(e) => Outcome::Invalid {
+                message: e.to_string(),
+            },
         },
         (None, Some(ports)) if ports.start >= 1 && ports.start <= ports.end => {
             match index.reserve_exact(&id, age_of(obj), ports) {
@@ -170,7 +185,10 @@ fn decide(obj: &PortSlice, ctx: &Context) -> Outcome {
                         "ports {ports} overlap {held}, held by PortSlice {holder}; waiting until it is deleted"
                     ),
                 },
-                Err(ExactRefusal::OlderClaim { claimant, ports: theirs }) => Outcome::Waiting {
+                Err(ExactRefusal::OlderClaim {
+                    claimant,
+                    ports: theirs,
+                }) => Outcome::Waiting {
                     reason: conditions::REASON_CONFLICT,
                     message: format!(
                         "ports {ports} overlap {theirs}, requested by the older PortSlice {claimant}, which goes first"
@@ -178,8 +196,12 @@ fn decide(obj: &PortSlice, ctx: &Context) -> Outcome {
                 },
             }
         }
-        (None, Some(ports)) => Outcome::Invalid { message: format!("spec.ports {ports:?} is not a valid range") },
-        _ => Outcome::Invalid { message: "set exactly one of spec.size or spec.ports".into() },
+        (None, Some(ports)) => Outcome::Invalid {
+            message: format!("spec.ports {ports:?} is not a valid range"),
+        },
+        _ => Outcome::Invalid {
+            message: "set exactly one of spec.size or spec.ports".into(),
+        },
     }
 }
 
@@ -189,7 +211,11 @@ async fn cleanup(obj: &PortSlice, ctx: &Context, api: &Api<PortSlice>) -> Result
     let id = SliceId::of(obj);
     ctx.index().stop_waiting(&ObjectRef::from_obj(obj));
     // The index may know a range whose status write is still in flight.
-    let range = obj.status.as_ref().and_then(|s| s.range).or_else(|| ctx.index().range_of(&id));
+    let range = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.range)
+        .or_else(|| ctx.index().range_of(&id));
     let Some(range) = range else {
         return Ok(Action::await_change());
     };
@@ -229,7 +255,10 @@ async fn cleanup(obj: &PortSlice, ctx: &Context, api: &Api<PortSlice>) -> Result
         return Err(Error::Held(left.max(Duration::from_millis(50))));
     }
     info!(%range, "drained and quarantined; releasing");
-    let released = Outcome::Terminating { range: Some(range), message: format!("ports {range} released") };
+    let released = Outcome::Terminating {
+        range: Some(range),
+        message: format!("ports {range} released"),
+    };
     publish(ctx, obj, &released).await;
     // The finalizer helper removes the finalizer now; the index frees the range when the
     // slice's deletion shows up in the watch, i.e. once it is really gone.
@@ -242,7 +271,9 @@ fn quarantine_span(d: Duration) -> k8s_openapi::jiff::SignedDuration {
 
 /// RFC 3339 at second precision, like every other Kubernetes timestamp.
 fn second_text(t: Timestamp) -> String {
-    Timestamp::from_second(t.as_second()).unwrap_or(t).to_string()
+    Timestamp::from_second(t.as_second())
+        .unwrap_or(t)
+        .to_string()
 }
 
 /// Applies the desired status if it differs from the current one. The patch carries the
@@ -269,17 +300,31 @@ async fn write_status(
     if obj.status.as_ref() == Some(&status) {
         return Ok(());
     }
-    write(obj, api, &status).await.map_err(|source| Error::WriteStatus { slice: SliceId::of(obj).to_string(), source })
+    write(obj, api, &status)
+        .await
+        .map_err(|source| Error::WriteStatus {
+            slice: SliceId::of(obj).to_string(),
+            source,
+        })
 }
 
-async fn write(obj: &PortSlice, api: &Api<PortSlice>, status: &PortSliceStatus) -> Result<(), kube::Error> {
+async fn write(
+    obj: &PortSlice,
+    api: &Api<PortSlice>,
+    status: &PortSliceStatus,
+) -> Result<(), kube::Error> {
     let patch = json!({
         "apiVersion": PortSlice::api_version(&()),
         "kind": PortSlice::kind(&()),
         "metadata": { "name": obj.name_any(), "resourceVersion": obj.resource_version() },
         "status": status,
     });
-    api.patch_status(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
     Ok(())
 }
 
@@ -295,12 +340,22 @@ async fn publish(ctx: &Context, obj: &PortSlice, outcome: &Outcome) {
         Outcome::Terminating { .. } => "Released".to_string(),
         o => o.reason().to_string(),
     };
-    let event = KubeEvent { type_, reason, note: Some(outcome.message()), action: action.into(), secondary: None };
+    let event = KubeEvent {
+        type_,
+        reason,
+        note: Some(outcome.message()),
+        action: action.into(),
+        secondary: None,
+    };
     if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
         warn!(error = %e, "failed to publish event");
     }
 }
 
 fn pools_text(pools: &[PortRange]) -> String {
-    pools.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    pools
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -7,11 +7,17 @@ pub enum Outcome {
     /// The slice holds `range` and is usable.
     Allocated { range: PortRange },
     /// The slice waits for ports: `reason` is PoolExhausted or Conflict.
-    Waiting { reason: &'static str, message: String },
+    Waiting {
+        reason: &'static str,
+        message: String,
+    },
     /// The spec cannot be satisfied as written.
     Invalid { message: String },
     /// The slice is being deleted; it keeps `range` (if any) until drained and quarantined.
-    Terminating { range: Option<PortRange>, message: String },
+    Terminating {
+        range: Option<PortRange>,
+        message: String,
+    },
 }
 
 impl Outcome {
@@ -27,10 +33,13 @@ impl Outcome {
 
     pub fn message(&self) -> String {
         match self {
-            Outcome::Allocated { range } => format!("ports {range} ({} ports) are allocated to this slice", range.len()),
-            Outcome::Waiting { message, .. } | Outcome::Invalid { message } | Outcome::Terminating { message, .. } => {
-                message.clone()
-            }
+            Outcome::Allocated { range } => format!(
+                "ports {range} ({} ports) are allocated to this slice",
+                range.len()
+            ),
+            Outcome::Waiting { message, .. }
+            | Outcome::Invalid { message }
+            | Outcome::Terminating { message, .. } => message.clone(),
         }
     }
 }
@@ -55,14 +64,41 @@ pub fn desired(outcome: &Outcome, input: StatusInput<'_>) -> PortSliceStatus {
         Outcome::Waiting { .. } | Outcome::Invalid { .. } => input.current.and_then(|s| s.range),
     };
     let (allocated, allocated_reason, allocated_message) = match (outcome, range) {
-        (_, Some(r)) => ("True", conditions::REASON_ALLOCATED, format!("ports {r} are reserved for this slice")),
+        (_, Some(r)) => (
+            "True",
+            conditions::REASON_ALLOCATED,
+            format!("ports {r} are reserved for this slice"),
+        ),
         (o, None) => ("False", o.reason(), o.message()),
     };
-    let ready = if matches!(outcome, Outcome::Allocated { .. }) { "True" } else { "False" };
-    let previous = input.current.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let ready = if matches!(outcome, Outcome::Allocated { .. }) {
+        "True"
+    } else {
+        "False"
+    };
+    let previous = input
+        .current
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
     let conditions = vec![
-        condition(previous, conditions::ALLOCATED, allocated, allocated_reason, allocated_message, input.generation, input.now),
-        condition(previous, conditions::READY, ready, outcome.reason(), outcome.message(), input.generation, input.now),
+        condition(
+            previous,
+            conditions::ALLOCATED,
+            allocated,
+            allocated_reason,
+            allocated_message,
+            input.generation,
+            input.now,
+        ),
+        condition(
+            previous,
+            conditions::READY,
+            ready,
+            outcome.reason(),
+            outcome.message(),
+            input.generation,
+            input.now,
+        ),
     ];
     PortSliceStatus {
         range,
@@ -102,17 +138,30 @@ fn condition(
 
 /// The reason on the current Ready condition, if any.
 pub fn current_reason(status: Option<&PortSliceStatus>) -> Option<&str> {
-    status?.conditions.iter().find(|c| c.type_ == conditions::READY).map(|c| c.reason.as_str())
+    status?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::READY)
+        .map(|c| c.reason.as_str())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const R: PortRange = PortRange { start: 40000, end: 40009 };
+    const R: PortRange = PortRange {
+        start: 40000,
+        end: 40009,
+    };
 
     fn input<'a>(current: Option<&'a PortSliceStatus>, now: &'a str) -> StatusInput<'a> {
-        StatusInput { current, generation: Some(1), slivers: vec![], drained_at: None, now }
+        StatusInput {
+            current,
+            generation: Some(1),
+            slivers: vec![],
+            drained_at: None,
+            now,
+        }
     }
 
     #[test]
@@ -121,7 +170,11 @@ mod tests {
         assert_eq!(s.range, Some(R));
         assert_eq!(s.range_text.as_deref(), Some("40000-40009"));
         assert_eq!(s.size, Some(10));
-        assert!(s.conditions.iter().all(|c| c.status == "True" && c.reason == "Allocated"));
+        assert!(
+            s.conditions
+                .iter()
+                .all(|c| c.status == "True" && c.reason == "Allocated")
+        );
     }
 
     #[test]
@@ -133,21 +186,39 @@ mod tests {
 
     #[test]
     fn waiting_keeps_allocated_false_with_the_reason() {
-        let w = Outcome::Waiting { reason: conditions::REASON_POOL_EXHAUSTED, message: "full".into() };
+        let w = Outcome::Waiting {
+            reason: conditions::REASON_POOL_EXHAUSTED,
+            message: "full".into(),
+        };
         let s = desired(&w, input(None, "t1"));
         assert_eq!(s.range, None);
         let allocated = &s.conditions[0];
-        assert_eq!((allocated.status.as_str(), allocated.reason.as_str()), ("False", "PoolExhausted"));
+        assert_eq!(
+            (allocated.status.as_str(), allocated.reason.as_str()),
+            ("False", "PoolExhausted")
+        );
         assert_eq!(current_reason(Some(&s)), Some("PoolExhausted"));
     }
 
     #[test]
     fn terminating_keeps_the_range_and_flips_ready_only() {
         let first = desired(&Outcome::Allocated { range: R }, input(None, "t1"));
-        let t = Outcome::Terminating { range: Some(R), message: "draining".into() };
+        let t = Outcome::Terminating {
+            range: Some(R),
+            message: "draining".into(),
+        };
         let s = desired(&t, input(Some(&first), "t2"));
         assert_eq!(s.range, Some(R));
-        assert_eq!(s.conditions[0].last_transition_time, "t1", "Allocated stays True since t1");
-        assert_eq!((s.conditions[1].status.as_str(), s.conditions[1].last_transition_time.as_str()), ("False", "t2"));
+        assert_eq!(
+            s.conditions[0].last_transition_time, "t1",
+            "Allocated stays True since t1"
+        );
+        assert_eq!(
+            (
+                s.conditions[1].status.as_str(),
+                s.conditions[1].last_transition_time.as_str()
+            ),
+            ("False", "t2")
+        );
     }
 }

@@ -39,15 +39,26 @@ pub async fn client() -> Client {
 
 /// Installs the CRD from crds/ (server-side apply, idempotent) and waits until it is served.
 pub async fn install_crd(client: &Client) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds/portslice.io_portslices.yaml");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds/portslice.io_portslices.yaml");
     let text = std::fs::read_to_string(&path).expect("read CRD yaml");
     let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("parse CRD yaml");
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let name = crd.name_any();
-    api.patch(&name, &PatchParams::apply("portslice-tests").force(), &Patch::Apply(&crd)).await.expect("apply CRD");
+    api.patch(
+        &name,
+        &PatchParams::apply("portslice-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply CRD");
     wait_until("CRD established", TIMEOUT, || async {
         let crd = api.get(&name).await.ok()?;
-        let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+        let established = crd
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
         established.then_some(())
     })
     .await;
@@ -64,7 +75,10 @@ where
         if let Some(v) = probe().await {
             return v;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -96,20 +110,28 @@ impl TestNs {
     }
 
     pub async fn create_size(&self, name: &str, size: u32) -> PortSlice {
-        self.create(name, size_spec(size)).await.unwrap_or_else(|e| panic!("create slice {name}: {e}"))
+        self.create(name, size_spec(size))
+            .await
+            .unwrap_or_else(|e| panic!("create slice {name}: {e}"))
     }
 
     pub async fn create_exact(&self, name: &str, start: u16, end: u16) -> PortSlice {
-        self.create(name, exact_spec(start, end)).await.unwrap_or_else(|e| panic!("create slice {name}: {e}"))
+        self.create(name, exact_spec(start, end))
+            .await
+            .unwrap_or_else(|e| panic!("create slice {name}: {e}"))
     }
 
     /// Waits until the slice's Ready condition has `reason`; returns the slice.
     pub async fn wait_reason(&self, name: &str, reason: &str) -> PortSlice {
         let api = self.slices();
-        wait_until(&format!("slice {name} to have reason {reason}"), TIMEOUT, || async {
-            let s = api.get_opt(name).await.ok()??;
-            (ready_reason(&s).as_deref() == Some(reason)).then_some(s)
-        })
+        wait_until(
+            &format!("slice {name} to have reason {reason}"),
+            TIMEOUT,
+            || async {
+                let s = api.get_opt(name).await.ok()??;
+                (ready_reason(&s).as_deref() == Some(reason)).then_some(s)
+            },
+        )
         .await
     }
 
@@ -128,7 +150,10 @@ impl TestNs {
     }
 
     pub async fn delete(&self, name: &str) {
-        self.slices().delete(name, &DeleteParams::default()).await.unwrap_or_else(|e| panic!("delete {name}: {e}"));
+        self.slices()
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("delete {name}: {e}"));
     }
 
     /// Events about `name` with `reason`.
@@ -157,26 +182,45 @@ impl TestNs {
             "spec": { "nodeName": node, "containers": [{ "name": "c", "image": "example.invalid/none" }] },
         }))
         .expect("pod json");
-        self.pods().create(&PostParams::default(), &pod).await.unwrap_or_else(|e| panic!("create pod {name}: {e}"));
+        self.pods()
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("create pod {name}: {e}"));
         self.set_phase(name, phase).await
     }
 
     pub async fn set_phase(&self, name: &str, phase: &str) -> Pod {
         self.pods()
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": { "phase": phase } })))
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": { "phase": phase } })),
+            )
             .await
             .unwrap_or_else(|e| panic!("set phase of pod {name}: {e}"))
     }
 
     /// Deletes a pod at once (there is no kubelet to confirm a graceful deletion).
     pub async fn delete_pod(&self, name: &str) {
-        self.pods().delete(name, &DeleteParams::default().grace_period(0)).await.expect("delete pod");
+        self.pods()
+            .delete(name, &DeleteParams::default().grace_period(0))
+            .await
+            .expect("delete pod");
     }
 
     /// Every slice's range, asserting that no two overlap.
     pub async fn assert_no_overlap(&self) -> BTreeMap<String, PortRange> {
-        let slices = self.slices().list(&ListParams::default()).await.expect("list slices").items;
-        assert_disjoint(slices.iter().filter_map(|s| Some((s.name_any(), range_of(s)?))))
+        let slices = self
+            .slices()
+            .list(&ListParams::default())
+            .await
+            .expect("list slices")
+            .items;
+        assert_disjoint(
+            slices
+                .iter()
+                .filter_map(|s| Some((s.name_any(), range_of(s)?))),
+        )
     }
 
     async fn cleanup(&self) {
@@ -184,23 +228,45 @@ impl TestNs {
         if let Ok(list) = slices.list(&ListParams::default()).await {
             for s in list.items {
                 let _ = slices
-                    .patch(&s.name_any(), &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+                    .patch(
+                        &s.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                    )
                     .await;
             }
         }
-        let _ = slices.delete_collection(&DeleteParams::default(), &ListParams::default()).await;
-        let _ = self.pods().delete_collection(&DeleteParams::default().grace_period(0), &ListParams::default()).await;
+        let _ = slices
+            .delete_collection(&DeleteParams::default(), &ListParams::default())
+            .await;
+        let _ = self
+            .pods()
+            .delete_collection(
+                &DeleteParams::default().grace_period(0),
+                &ListParams::default(),
+            )
+            .await;
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
-        let _ = namespaces.delete(&self.name, &DeleteParams::default()).await;
+        let _ = namespaces
+            .delete(&self.name, &DeleteParams::default())
+            .await;
     }
 }
 
 pub fn size_spec(size: u32) -> PortSliceSpec {
-    PortSliceSpec { size: Some(size), ports: None, protocols: vec![Protocol::TCP, Protocol::UDP] }
+    PortSliceSpec {
+        size: Some(size),
+        ports: None,
+        protocols: vec![Protocol::TCP, Protocol::UDP],
+    }
 }
 
 pub fn exact_spec(start: u16, end: u16) -> PortSliceSpec {
-    PortSliceSpec { size: None, ports: Some(PortRange { start, end }), protocols: vec![Protocol::UDP] }
+    PortSliceSpec {
+        size: None,
+        ports: Some(PortRange { start, end }),
+        protocols: vec![Protocol::UDP],
+    }
 }
 
 pub fn range_of(s: &PortSlice) -> Option<PortRange> {
@@ -209,20 +275,37 @@ pub fn range_of(s: &PortSlice) -> Option<PortRange> {
 
 pub fn ready_reason(s: &PortSlice) -> Option<String> {
     let st = s.status.as_ref()?;
-    st.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone())
+    st.conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.reason.clone())
 }
 
 pub fn condition(s: &PortSlice, type_: &str) -> Option<portslice_crds::Condition> {
-    s.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_).cloned()
+    s.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .cloned()
 }
 
 /// Asserts the ranges are pairwise disjoint; returns them by name.
-pub fn assert_disjoint(ranges: impl IntoIterator<Item = (String, PortRange)>) -> BTreeMap<String, PortRange> {
+pub fn assert_disjoint(
+    ranges: impl IntoIterator<Item = (String, PortRange)>,
+) -> BTreeMap<String, PortRange> {
     let by_name: BTreeMap<String, PortRange> = ranges.into_iter().collect();
     let mut sorted: Vec<(&String, &PortRange)> = by_name.iter().collect();
     sorted.sort_by_key(|(_, r)| r.start);
     for w in sorted.windows(2) {
-        assert!(w[0].1.end < w[1].1.start, "{} ({}) overlaps {} ({})", w[0].0, w[0].1, w[1].0, w[1].1);
+        assert!(
+            w[0].1.end < w[1].1.start,
+            "{} ({}) overlaps {} ({})",
+            w[0].0,
+            w[0].1,
+            w[1].0,
+            w[1].1
+        );
     }
     by_name
 }
@@ -235,15 +318,43 @@ where
 {
     let client = client().await;
     install_crd(&client).await;
-    let name = format!("{}-{}-{}", test.replace('_', "-").chars().take(40).collect::<String>(), std::process::id(), nanos() % 100_000);
+    let name = format!(
+        "{}-{}-{}",
+        test.replace('_', "-").chars().take(40).collect::<String>(),
+        std::process::id(),
+        nanos() % 100_000
+    );
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() }, ..Namespace::default() };
-    namespaces.create(&PostParams::default(), &ns).await.expect("create namespace");
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
     // Pods need the namespace's default ServiceAccount, which no controller creates here.
-    let sa = ServiceAccount { metadata: ObjectMeta { name: Some("default".into()), ..ObjectMeta::default() }, ..ServiceAccount::default() };
-    Api::<ServiceAccount>::namespaced(client.clone(), &name).create(&PostParams::default(), &sa).await.expect("create SA");
-    let test_ns = TestNs { client: client.clone(), name: name.clone() };
-    let outcome = std::panic::AssertUnwindSafe(body(TestNs { client, name })).catch_unwind().await;
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("default".into()),
+            ..ObjectMeta::default()
+        },
+        ..ServiceAccount::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), &name)
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("create SA");
+    let test_ns = TestNs {
+        client: client.clone(),
+        name: name.clone(),
+    };
+    let outcome = std::panic::AssertUnwindSafe(body(TestNs { client, name }))
+        .catch_unwind()
+        .await;
     test_ns.cleanup().await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
@@ -251,7 +362,10 @@ where
 }
 
 fn nanos() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 /// The operator binary running as a child process. Killed (SIGKILL) when dropped.
@@ -268,16 +382,39 @@ impl Operator {
         let log = dir.join(format!("operator-{namespace}-{}.log", nanos()));
         let file = File::create(&log).expect("create operator log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_portslice-operator"));
-        cmd.args(["--watch-namespace", namespace, "--lease-namespace", namespace, "--lease-name", "portslice-operator"])
-            .args(["--metrics-addr", &metrics_addr.to_string()])
-            .args(["--lease-duration", "3", "--lease-grace", "1", "--quarantine", "1s", "--retry-interval", "2s"])
-            .args(extra)
-            .env("RUST_LOG", std::env::var("OPERATOR_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("clone log handle"))
-            .stderr(file);
+        cmd.args([
+            "--watch-namespace",
+            namespace,
+            "--lease-namespace",
+            namespace,
+            "--lease-name",
+            "portslice-operator",
+        ])
+        .args(["--metrics-addr", &metrics_addr.to_string()])
+        .args([
+            "--lease-duration",
+            "3",
+            "--lease-grace",
+            "1",
+            "--quarantine",
+            "1s",
+            "--retry-interval",
+            "2s",
+        ])
+        .args(extra)
+        .env(
+            "RUST_LOG",
+            std::env::var("OPERATOR_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("clone log handle"))
+        .stderr(file);
         let child = cmd.spawn().expect("spawn portslice-operator");
-        Self { child: Some(child), metrics_addr, log }
+        Self {
+            child: Some(child),
+            metrics_addr,
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -295,20 +432,27 @@ impl Operator {
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("operator is running");
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
         let start = Instant::now();
         loop {
             if let Some(status) = c.try_wait().expect("wait for operator") {
                 return status;
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "operator did not exit after SIGTERM");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "operator did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     /// The exit status if the process has ended.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// GET on the admin server: (status code, body).
@@ -327,14 +471,17 @@ impl Operator {
     pub async fn wait_leader(&self) {
         wait_until("operator to lead", TIMEOUT, || async {
             let (_, body) = self.get("/metrics")?;
-            body.lines().any(|l| l == "portslice_leader 1").then_some(())
+            body.lines()
+                .any(|l| l == "portslice_leader 1")
+                .then_some(())
         })
         .await
     }
 
     pub fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = self.get("/metrics")?;
-        body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
     }
 
     pub fn log_tail(&self) -> String {
@@ -347,7 +494,11 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- operator log {} (tail) ---\n{}", self.log.display(), self.log_tail());
+            eprintln!(
+                "--- operator log {} (tail) ---\n{}",
+                self.log.display(),
+                self.log_tail()
+            );
         }
         self.kill();
     }
@@ -365,6 +516,9 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }

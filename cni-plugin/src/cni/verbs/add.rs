@@ -17,8 +17,11 @@ use crate::slice_source::Slice;
 
 pub fn add(env: &CniEnv, conf: &PluginConfig) -> Result<String, CniError> {
     let prev = conf.prev_result.clone().ok_or_else(|| {
-        CniError::new(code::INVALID_NETWORK_CONFIG, "ADD needs prevResult: portslice is a chained plugin")
-            .with_details("put it after the primary plugin (ptp, bridge, ...) in a conflist")
+        CniError::new(
+            code::INVALID_NETWORK_CONFIG,
+            "ADD needs prevResult: portslice is a chained plugin",
+        )
+        .with_details("put it after the primary plugin (ptp, bridge, ...) in a conflist")
     })?;
     let pod = prev.pod_address(&env.ifname)?;
     let slice = find_slice(env, conf)?;
@@ -29,7 +32,9 @@ pub fn add(env: &CniEnv, conf: &PluginConfig) -> Result<String, CniError> {
         }
         Some(slice) => {
             add_slice_pod(env, conf, &pod, &slice)?;
-            Ok(prev.with_node_address(conf.version, &pod, conf.node_ip).to_json()?)
+            Ok(prev
+                .with_node_address(conf.version, &pod, conf.node_ip)
+                .to_json()?)
         }
     }
 }
@@ -42,8 +47,10 @@ fn add_plain_pod(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress) -> Result<
         return Ok(());
     };
     let ifname = env.ifname.clone();
-    let link = in_netns(&PathBuf::from(&env.netns), move || wiring::pod_link(&ifname))
-        .map_err(|e| netns_err("reading the pod interface failed", e))?;
+    let link = in_netns(&PathBuf::from(&env.netns), move || {
+        wiring::pod_link(&ifname)
+    })
+    .map_err(|e| netns_err("reading the pod interface failed", e))?;
     let Some(host_ifindex) = link.peer_ifindex else {
         return Err(not_a_veth(env));
     };
@@ -53,12 +60,16 @@ fn add_plain_pod(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress) -> Result<
         pod_private_ip: pod.private.addr,
         slice: None,
     };
-    dp.attach_pod(&attachment).map_err(|e| datapath_err("attaching the pod to the datapath failed", e))
+    dp.attach_pod(&attachment)
+        .map_err(|e| datapath_err("attaching the pod to the datapath failed", e))
 }
 
 fn not_a_veth(env: &CniEnv) -> CniError {
-    CniError::new(code::PREV_RESULT, format!("{} in the pod is not a veth to the node", env.ifname))
-        .with_details("portslice needs the primary plugin to connect pods to the node with veth pairs")
+    CniError::new(
+        code::PREV_RESULT,
+        format!("{} in the pod is not a veth to the node", env.ifname),
+    )
+    .with_details("portslice needs the primary plugin to connect pods to the node with veth pairs")
 }
 
 pub fn wiring_for(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress, slice: &Slice) -> PodWiring {
@@ -73,9 +84,15 @@ pub fn wiring_for(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress, slice: &S
 }
 
 /// Steps in order, each undone (in reverse) when a later one fails.
-fn add_slice_pod(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress, slice: &Slice) -> Result<(), CniError> {
+fn add_slice_pod(
+    env: &CniEnv,
+    conf: &PluginConfig,
+    pod: &PodAddress,
+    slice: &Slice,
+) -> Result<(), CniError> {
     let mut dp = PinnedDatapath::open(&conf.pin_root).map_err(|_| not_loaded(&conf.pin_root))?;
     refuse_second_sliver(&dp, env, slice)?;
+    tracing::debug!("datapath opened, no other sliver of the slice here");
 
     let w = wiring_for(env, conf, pod, slice);
     let netns = PathBuf::from(&env.netns);
@@ -88,6 +105,7 @@ fn add_slice_pod(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress, slice: &Sl
             tracing::error!(error = %e, "undoing the pod's netns wiring failed");
         }
     };
+    tracing::debug!(?applied.link, "pod netns wired");
     let Some(host_ifindex) = applied.link.peer_ifindex else {
         undo_netns();
         return Err(not_a_veth(env));
@@ -105,7 +123,10 @@ fn add_slice_pod(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress, slice: &Sl
     if let Err(e) = dp.attach_pod(&attachment) {
         // attach_pod undoes its own partial work; ours is the netns.
         undo_netns();
-        return Err(datapath_err(&format!("attaching slice {} to the datapath failed", slice.name), e));
+        return Err(datapath_err(
+            &format!("attaching slice {} to the datapath failed", slice.name),
+            e,
+        ));
     }
     tracing::info!(slice = %slice.name, range = %slice.range, host_ifindex, "slice pod wired");
     Ok(())
@@ -113,10 +134,14 @@ fn add_slice_pod(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress, slice: &Sl
 
 /// One sliver per slice per node: the same range may not belong to two pods here.
 fn refuse_second_sliver(dp: &PinnedDatapath, env: &CniEnv, slice: &Slice) -> Result<(), CniError> {
-    let pods = dp.list_pods().map_err(|e| datapath_err("listing the pods in the datapath failed", e))?;
+    let pods = dp
+        .list_pods()
+        .map_err(|e| datapath_err("listing the pods in the datapath failed", e))?;
     let clash = pods.iter().find(|p| {
         p.container_id != env.container_id
-            && p.slice.as_ref().is_some_and(|s| s.slice_key == slice.name || s.range.overlaps(&slice.range))
+            && p.slice
+                .as_ref()
+                .is_some_and(|s| s.slice_key == slice.name || s.range.overlaps(&slice.range))
     });
     match clash {
         None => Ok(()),
