@@ -212,6 +212,14 @@ fn a_pod_without_a_slice_passes_through_unchanged() {
     });
     assert_eq!(slice, Some(None));
     rt.check(&pod).expect("CHECK of a plain pod");
+    let id = pod.container_id.clone();
+    t.with_datapath(move |dp| dp.detach_pod(&id, None).expect("detach"));
+    let inv = rt.exec_last(&pod, "CHECK", pod.result.as_ref());
+    assert_eq!(
+        inv.error_code(),
+        106,
+        "CHECK notices the missing datapath entry: {inv:?}"
+    );
     rt.del(&pod).expect("DEL");
     assert!(!datapath_has(&t, &pod.container_id));
 }
@@ -425,7 +433,12 @@ fn failed_adds_get_their_code_and_leave_nothing_behind() {
         inv.elapsed
     );
     rt_api.del(&p).expect("DEL");
+    // Nobody listens at all: connection refused is transient too.
     drop(listener);
+    let mut p = CniPod::new("");
+    let prev = ptp_add(&t, &rt_api, &mut p);
+    assert_failed_cleanly(&t, &p, &rt_api.exec_last(&p, "ADD", Some(&prev)), 11);
+    rt_api.del(&p).expect("DEL");
 }
 
 #[test]
@@ -575,6 +588,15 @@ fn the_slice_annotation_comes_from_the_runtime_capability_through_cnitool() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    // Whatever happens below, DEL runs at the end: it also removes libcni's result cache
+    // (/var/lib/cni/results) for this network.
+    struct DelOnDrop<F: Fn(&str) -> (bool, String, String)>(F);
+    impl<F: Fn(&str) -> (bool, String, String)> Drop for DelOnDrop<F> {
+        fn drop(&mut self) {
+            let _ = (self.0)("del");
+        }
+    }
+    let guard = DelOnDrop(&run);
     let (ok, out, err) = run("add");
     assert!(ok, "cnitool add: {out} {err}");
     let result: Value = serde_json::from_str(&out).expect("cnitool prints the result");
@@ -591,6 +613,7 @@ fn the_slice_annotation_comes_from_the_runtime_capability_through_cnitool() {
     assert!(ok, "cnitool check: {out} {err}");
     let (ok, out, err) = run("del");
     assert!(ok, "cnitool del: {out} {err}");
+    drop(guard);
     let left = t.with_datapath(|dp| dp.list_pods().unwrap().len());
     assert_eq!(left, 0, "cnitool del removed the datapath entry");
 }

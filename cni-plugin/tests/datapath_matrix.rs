@@ -391,3 +391,33 @@ fn slice_traffic_creates_no_conntrack_entries() {
     );
     assert_eq!(slice, 0, "slice traffic left conntrack entries");
 }
+
+#[test]
+fn row8_fragmentation_needed_reaches_the_slice_pod_so_pmtu_works() {
+    if !require_root("row8-pmtu") {
+        return;
+    }
+    let mut t = Topology::new();
+    t.add_pod(Some(A));
+    // The pod has a UDP flow to the remote; a router on the way reports a 1200-byte MTU.
+    let flow = t.pods[0].ns.enter(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect(sa(REMOTE_IP, 5000)).unwrap();
+        s
+    });
+    let local = match flow.local_addr().unwrap() {
+        std::net::SocketAddr::V4(a) => a,
+        other => panic!("{other}"),
+    };
+    assert_eq!(*local.ip(), NODE_IP);
+    support::traffic::send_frag_needed(&t.remote, NODE_IP, local, sa(REMOTE_IP, 5000), 1200);
+    // Steered by the quoted header's source port, the error lowers the pod's path MTU.
+    let learnt = support::eventually(Duration::from_secs(3), || {
+        let r = t.pods[0].ns.ip(&["route", "get", &REMOTE_IP.to_string()]);
+        r.contains("mtu 1200").then_some(r)
+    });
+    assert!(learnt.is_some(), "the pod never learnt the path MTU");
+    // The host did not take it: its own route to the remote is unchanged.
+    let host = t.node.ip(&["route", "get", &REMOTE_IP.to_string()]);
+    assert!(!host.contains("mtu 1200"), "{host}");
+}

@@ -7,11 +7,27 @@ use serde_json::json;
 pub const E2E_LABEL: &str = "portslice.io/e2e";
 
 pub fn slice_of_size(name: &str, namespace: &str, size: u32) -> PortSlice {
-    slice(name, namespace, PortSliceSpec { size: Some(size), ports: None, protocols: vec![Protocol::TCP, Protocol::UDP] })
+    slice(
+        name,
+        namespace,
+        PortSliceSpec {
+            size: Some(size),
+            ports: None,
+            protocols: vec![Protocol::TCP, Protocol::UDP],
+        },
+    )
 }
 
 pub fn slice_of_ports(name: &str, namespace: &str, ports: PortRange) -> PortSlice {
-    slice(name, namespace, PortSliceSpec { size: None, ports: Some(ports), protocols: vec![Protocol::TCP, Protocol::UDP] })
+    slice(
+        name,
+        namespace,
+        PortSliceSpec {
+            size: None,
+            ports: Some(ports),
+            protocols: vec![Protocol::TCP, Protocol::UDP],
+        },
+    )
 }
 
 fn slice(name: &str, namespace: &str, spec: PortSliceSpec) -> PortSlice {
@@ -45,7 +61,12 @@ fn agent_pod_template(app: &str, slice: &str, image: &str) -> serde_json::Value 
     })
 }
 
-pub fn agent_daemonset(name: &str, namespace: &str, slice: &str, image: &str) -> Result<DaemonSet, serde_json::Error> {
+pub fn agent_daemonset(
+    name: &str,
+    namespace: &str,
+    slice: &str,
+    image: &str,
+) -> Result<DaemonSet, serde_json::Error> {
     serde_json::from_value(json!({
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -59,7 +80,12 @@ pub fn agent_daemonset(name: &str, namespace: &str, slice: &str, image: &str) ->
 
 /// One replica per node at most: a second pod of a slice on the same node is refused, so the
 /// Deployment recreates instead of surging.
-pub fn agent_deployment(name: &str, namespace: &str, slice: &str, image: &str) -> Result<Deployment, serde_json::Error> {
+pub fn agent_deployment(
+    name: &str,
+    namespace: &str,
+    slice: &str,
+    image: &str,
+) -> Result<Deployment, serde_json::Error> {
     serde_json::from_value(json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -83,20 +109,33 @@ mod tests {
         let tpl = ds.spec.unwrap().template;
         let ann = tpl.metadata.unwrap().annotations.unwrap();
         assert_eq!(ann[SLICE_ANNOTATION], "game-slice");
-        assert_eq!(tpl.spec.unwrap().containers[0].image.as_deref(), Some("img:1"));
+        assert_eq!(
+            tpl.spec.unwrap().containers[0].image.as_deref(),
+            Some("img:1")
+        );
     }
 
     #[test]
     fn deployment_never_runs_two_pods_of_a_slice_on_one_node_during_rollout() {
         let d = agent_deployment("web", "ns", "web", "img").unwrap();
-        assert_eq!(d.spec.unwrap().strategy.unwrap().type_.as_deref(), Some("Recreate"));
+        assert_eq!(
+            d.spec.unwrap().strategy.unwrap().type_.as_deref(),
+            Some("Recreate")
+        );
     }
 
     #[test]
     fn slices_ask_for_size_or_exact_ports() {
         let a = slice_of_size("a", "ns", 10);
         assert_eq!((a.spec.size, a.spec.ports), (Some(10), None));
-        let b = slice_of_ports("b", "ns", PortRange { start: 5060, end: 5061 });
+        let b = slice_of_ports(
+            "b",
+            "ns",
+            PortRange {
+                start: 5060,
+                end: 5061,
+            },
+        );
         assert_eq!(b.spec.size, None);
         assert_eq!(b.metadata.namespace.as_deref(), Some("ns"));
     }

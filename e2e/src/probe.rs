@@ -14,10 +14,18 @@ pub struct Answer {
 pub struct BadAnswer(pub String);
 
 pub fn parse_answer(text: &str) -> Result<Answer, BadAnswer> {
-    let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
     let mut it = line.split_whitespace();
     match (it.next(), it.next().and_then(|p| p.parse().ok()), it.next()) {
-        (Some(name), Some(peer), None) => Ok(Answer { name: name.to_string(), peer }),
+        (Some(name), Some(peer), None) => Ok(Answer {
+            name: name.to_string(),
+            peer,
+        }),
         _ => Err(BadAnswer(text.to_string())),
     }
 }
@@ -25,10 +33,14 @@ pub fn parse_answer(text: &str) -> Result<Answer, BadAnswer> {
 /// Parses `kubectl get portslices` output into (name, range, slivers) rows by column header.
 pub fn parse_get_portslices(text: &str) -> Vec<(String, String, String)> {
     let mut lines = text.lines();
-    let Some(header) = lines.next() else { return Vec::new() };
+    let Some(header) = lines.next() else {
+        return Vec::new();
+    };
     let cols: Vec<&str> = header.split_whitespace().collect();
     let idx = |c: &str| cols.iter().position(|h| *h == c);
-    let (Some(n), Some(r), Some(s)) = (idx("NAME"), idx("RANGE"), idx("SLIVERS")) else { return Vec::new() };
+    let (Some(n), Some(r), Some(s)) = (idx("NAME"), idx("RANGE"), idx("SLIVERS")) else {
+        return Vec::new();
+    };
     lines
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .filter(|f| f.len() == cols.len())

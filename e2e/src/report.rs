@@ -18,8 +18,16 @@ pub struct Report {
 impl Report {
     /// `skip`: check names not to run (from `PORTSLICE_E2E_SKIP`, comma-separated).
     pub fn new(skip: &str) -> Self {
-        let skip = skip.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect();
-        Report { results: Vec::new(), skip }
+        let skip = skip
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        Report {
+            results: Vec::new(),
+            skip,
+        }
     }
 
     /// Runs one check, prints and records its outcome; true when it passed.
@@ -41,7 +49,10 @@ impl Report {
         let took = start.elapsed();
         match &outcome {
             Outcome::Pass => eprintln!("[e2e] check {name}: ok ({:.1}s)", took.as_secs_f64()),
-            Outcome::Fail(why) => eprintln!("[e2e] check {name}: FAILED ({:.1}s): {why}", took.as_secs_f64()),
+            Outcome::Fail(why) => eprintln!(
+                "[e2e] check {name}: FAILED ({:.1}s): {why}",
+                took.as_secs_f64()
+            ),
             Outcome::NotRun(_) => {}
         }
         let passed = outcome == Outcome::Pass;
@@ -51,15 +62,25 @@ impl Report {
 
     pub fn not_run(&mut self, name: &str, why: &str) {
         eprintln!("[e2e] check {name}: not run: {why}");
-        self.results.push((name.to_string(), Outcome::NotRun(why.to_string()), Duration::ZERO));
+        self.results.push((
+            name.to_string(),
+            Outcome::NotRun(why.to_string()),
+            Duration::ZERO,
+        ));
     }
 
     pub fn failed(&self) -> usize {
-        self.results.iter().filter(|(_, o, _)| matches!(o, Outcome::Fail(_))).count()
+        self.results
+            .iter()
+            .filter(|(_, o, _)| matches!(o, Outcome::Fail(_)))
+            .count()
     }
 
     pub fn passed(&self) -> usize {
-        self.results.iter().filter(|(_, o, _)| *o == Outcome::Pass).count()
+        self.results
+            .iter()
+            .filter(|(_, o, _)| *o == Outcome::Pass)
+            .count()
     }
 
     /// The summary table; the last line is the one CI logs quote.
@@ -74,7 +95,12 @@ impl Report {
             out += &format!("  {word:<8} {:>6.1}s  {name}{why}\n", took.as_secs_f64());
         }
         let not_run = self.results.len() - self.passed() - self.failed();
-        out += &format!("[e2e] {} passed, {} failed, {} not run", self.passed(), self.failed(), not_run);
+        out += &format!(
+            "[e2e] {} passed, {} failed, {} not run",
+            self.passed(),
+            self.failed(),
+            not_run
+        );
         out
     }
 }
@@ -87,7 +113,10 @@ mod tests {
     async fn counts_each_outcome_and_honours_skips() {
         let mut r = Report::new("b");
         assert!(r.check("a", || async { Ok(()) }).await);
-        assert!(!r.check("b", || async { Ok(()) }).await, "a skipped check never passes");
+        assert!(
+            !r.check("b", || async { Ok(()) }).await,
+            "a skipped check never passes"
+        );
         assert!(!r.check("c", || async { anyhow::bail!("boom") }).await);
         r.not_run("d", "needs c");
         assert_eq!((r.passed(), r.failed()), (1, 1));

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("{var}={value:?} is not valid: {reason}")]
-    Invalid { var: &'static str, value: String, reason: String },
+    Invalid {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -49,30 +53,58 @@ fn words(s: &str) -> Vec<String> {
 
 impl Settings {
     /// Reads `PORTSLICE_E2E_*` variables through `get` (pure, so it is testable).
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>, agent_bin: PathBuf, repo: PathBuf) -> Result<Self, SettingsError> {
-        let var = |k: &str, d: &str| get(k).filter(|v| !v.is_empty()).unwrap_or_else(|| d.to_string());
+    pub fn from_lookup(
+        get: impl Fn(&str) -> Option<String>,
+        agent_bin: PathBuf,
+        repo: PathBuf,
+    ) -> Result<Self, SettingsError> {
+        let var = |k: &str, d: &str| {
+            get(k)
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| d.to_string())
+        };
         let ip = |k: &'static str, d: &str| -> Result<Ipv4Addr, SettingsError> {
             let v = var(k, d);
-            v.parse().map_err(|e: std::net::AddrParseError| SettingsError::Invalid { var: k, value: v, reason: e.to_string() })
+            v.parse()
+                .map_err(|e: std::net::AddrParseError| SettingsError::Invalid {
+                    var: k,
+                    value: v,
+                    reason: e.to_string(),
+                })
         };
         let cache = var("PORTSLICE_CACHE", "/var/cache/portslice");
         let k8s = var("K8S_VERSION", "1.34.4");
         Ok(Settings {
             node_ip: ip("PORTSLICE_E2E_NODE_IP", "198.18.0.1")?,
             remote_ip: ip("PORTSLICE_E2E_REMOTE_IP", "198.18.0.2")?,
-            remote_name: Some(var("PORTSLICE_E2E_REMOTE_NAME", "remote.portslice.test")).filter(|n| n != "none"),
+            remote_name: Some(var("PORTSLICE_E2E_REMOTE_NAME", "remote.portslice.test"))
+                .filter(|n| n != "none"),
             // Set but empty means: this machine is the remote host.
-            remote_exec: words(&get("PORTSLICE_E2E_REMOTE_EXEC").unwrap_or_else(|| "ip netns exec ps-remote".into())),
+            remote_exec: words(
+                &get("PORTSLICE_E2E_REMOTE_EXEC")
+                    .unwrap_or_else(|| "ip netns exec ps-remote".into()),
+            ),
             node_exec: words(&get("PORTSLICE_E2E_NODE_EXEC").unwrap_or_default()),
             uplink: var("PORTSLICE_E2E_UPLINK", "psuplink0"),
             helm: var("PORTSLICE_E2E_HELM", &format!("{cache}/bin/helm")).into(),
-            kubectl: var("PORTSLICE_E2E_KUBECTL", &format!("{cache}/k8s-v{k8s}/bin/kubectl")).into(),
-            chart: get("PORTSLICE_E2E_CHART").map(PathBuf::from).unwrap_or_else(|| repo.join("charts/portslice")),
+            kubectl: var(
+                "PORTSLICE_E2E_KUBECTL",
+                &format!("{cache}/k8s-v{k8s}/bin/kubectl"),
+            )
+            .into(),
+            chart: get("PORTSLICE_E2E_CHART")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo.join("charts/portslice")),
             release: var("PORTSLICE_E2E_RELEASE", "portslice"),
             release_namespace: var("PORTSLICE_E2E_RELEASE_NAMESPACE", "portslice-system"),
-            agent_image: var("PORTSLICE_E2E_AGENT_IMAGE", "localhost/portslice-e2e-agent:dev"),
+            agent_image: var(
+                "PORTSLICE_E2E_AGENT_IMAGE",
+                "localhost/portslice-e2e-agent:dev",
+            ),
             agent_bin,
-            helm_sets: get("PORTSLICE_E2E_HELM_SET").map(|s| words(&s)).unwrap_or_default(),
+            helm_sets: get("PORTSLICE_E2E_HELM_SET")
+                .map(|s| words(&s))
+                .unwrap_or_default(),
             cni_conf_dir: var("PORTSLICE_E2E_CNI_CONF_DIR", "/etc/cni/net.d"),
             cni_bin_dir: var("PORTSLICE_E2E_CNI_BIN_DIR", "/opt/cni/bin"),
             pin_root: var("PORTSLICE_E2E_PIN_ROOT", "/sys/fs/bpf/portslice"),

@@ -278,6 +278,33 @@ async fn a_standby_takes_over_when_the_leader_dies() {
 }
 
 #[tokio::test]
+async fn a_leader_that_loses_its_lease_exits() {
+    with_namespace("leaselost", |ns| async move {
+        let mut first = ns.operator(&[]);
+        first.wait_leader().await;
+        let second = ns.operator(&[]);
+        second.wait_ready().await;
+        // Freeze the leader past the Lease duration: the standby takes over...
+        first.signal("STOP");
+        second.wait_leader().await;
+        ns.create_size("while-frozen", 10).await;
+        ns.wait_allocated("while-frozen").await;
+        // ...and the old leader, once it runs again, notices and exits non-zero instead of
+        // writing next to the new one.
+        first.signal("CONT");
+        let status = first.wait_exit(Duration::from_secs(30)).await;
+        assert!(
+            !status.success(),
+            "a leader that lost its Lease must exit non-zero, got {status}"
+        );
+        ns.create_size("after", 10).await;
+        ns.wait_allocated("after").await;
+        ns.assert_no_overlap().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn slivers_are_reported_from_annotated_pods() {
     with_namespace("slivers", |ns| async move {
         let _op = ns.operator(&[]);

@@ -200,11 +200,19 @@ mod tests {
     #[test]
     fn plugin_entry_carries_the_cluster_cidrs_for_private_routes() {
         let cli = Cli::parse_from([
-            "portslice", "--uplink", "eth0", "--node-ip", "198.18.0.1",
-            "--cluster-cidrs", "10.244.0.0/16,10.96.0.0/16",
+            "portslice",
+            "--uplink",
+            "eth0",
+            "--node-ip",
+            "198.18.0.1",
+            "--cluster-cidrs",
+            "10.244.0.0/16,10.96.0.0/16",
         ]);
         let v = super::plugin_entry(&cli.args);
-        assert_eq!(v["clusterCIDRs"], serde_json::json!(["10.244.0.0/16", "10.96.0.0/16"]));
+        assert_eq!(
+            v["clusterCIDRs"],
+            serde_json::json!(["10.244.0.0/16", "10.96.0.0/16"])
+        );
         assert_eq!(v["nodeIP"], "198.18.0.1");
     }
 }

@@ -79,8 +79,17 @@ async fn client(kubeconfig: &Path) -> Result<Client, CniError> {
     Client::try_from(config).map_err(|e| config_err(&e))
 }
 
+/// Transient failures (no connection, 5xx, 429) are "try again later" (11): the runtime retries
+/// ADD. An answer that will not change by retrying (e.g. 403 from missing RBAC) is ours (103).
 fn api_err(what: String, e: kube::Error) -> CniError {
-    CniError::new(code::API_ERROR, what).with_details(e.to_string())
+    let code = match &e {
+        kube::Error::Api(status) if status.code >= 500 || status.code == 429 => {
+            code::TRY_AGAIN_LATER
+        }
+        kube::Error::Api(_) => code::API_ERROR,
+        _ => code::TRY_AGAIN_LATER,
+    };
+    CniError::new(code, what).with_details(e.to_string())
 }
 
 async fn read_pod_annotation(

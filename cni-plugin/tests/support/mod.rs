@@ -245,6 +245,11 @@ impl Topology {
         self.start_daemon_with(&["--no-cni-install"]);
     }
 
+    /// Where the daemon's stderr goes (kept when a test fails).
+    pub fn daemon_log(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("portslice-daemon-{}.log", self.id))
+    }
+
     /// The daemon's common arguments (uplink, node IP, pool, pin root).
     pub fn daemon_args(&self) -> Vec<String> {
         [
@@ -265,7 +270,7 @@ impl Topology {
 
     /// Starts the daemon with `extra` arguments after the common ones.
     pub fn start_daemon_with(&mut self, extra: &[&str]) {
-        let log = std::env::temp_dir().join(format!("portslice-daemon-{}.log", self.id));
+        let log = self.daemon_log();
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -472,6 +477,10 @@ impl Drop for Topology {
             .node
             .enter(move || datapath::loader::unload(&root, UPLINK));
         let _ = std::fs::remove_dir_all(&self.pin_root);
+        // The daemon's log is kept only when the test failed.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(self.daemon_log());
+        }
     }
 }
 

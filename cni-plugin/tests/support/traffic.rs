@@ -471,3 +471,58 @@ pub fn udp_sees_port_unreachable(ns: &Netns, dst: SocketAddrV4) -> Result<bool, 
         }
     })
 }
+
+/// From inside `ns` (the remote, playing a router with a smaller MTU), sends ICMP "fragmentation
+/// needed" (type 3 code 4, next-hop MTU `mtu`) to `to`, quoting a UDP datagram `quoted_src` ->
+/// `quoted_dst` as the kernel would.
+#[allow(unsafe_code)]
+pub fn send_frag_needed(
+    ns: &Netns,
+    to: Ipv4Addr,
+    quoted_src: SocketAddrV4,
+    quoted_dst: SocketAddrV4,
+    mtu: u16,
+) {
+    ns.enter(move || {
+        let mut inner = [0u8; 28];
+        inner[0] = 0x45;
+        inner[2..4].copy_from_slice(&1400u16.to_be_bytes());
+        inner[8] = 64;
+        inner[9] = 17;
+        inner[12..16].copy_from_slice(&quoted_src.ip().octets());
+        inner[16..20].copy_from_slice(&quoted_dst.ip().octets());
+        let c = csum(&inner[..20]);
+        inner[10..12].copy_from_slice(&c.to_be_bytes());
+        inner[20..22].copy_from_slice(&quoted_src.port().to_be_bytes());
+        inner[22..24].copy_from_slice(&quoted_dst.port().to_be_bytes());
+        inner[24..26].copy_from_slice(&1380u16.to_be_bytes());
+        let mut icmp = vec![3u8, 4, 0, 0, 0, 0];
+        icmp.extend_from_slice(&mtu.to_be_bytes());
+        icmp.extend_from_slice(&inner);
+        let c = csum(&icmp);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(to.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: a raw socket we own, valid buffer and address.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let n = libc::sendto(
+                fd,
+                icmp.as_ptr().cast(),
+                icmp.len(),
+                0,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            assert!(n > 0, "sendto: {}", std::io::Error::last_os_error());
+            libc::close(fd);
+        }
+    });
+}

@@ -1,7 +1,8 @@
 //! `portslice-e2e-agent`: the e2e workload and probe (std, plus nix for bind-before-connect).
 //!
 //! - `serve [--tcp PORT]... [--udp PORT]... [--slice-ports N]`: answers every TCP connection and
-//!   UDP datagram with one line `<name> <peer-addr>` (name = $POD_NAME or the hostname). With
+//!   UDP datagram with one line `<name> <peer-addr>` (name = $POD_NAME or the hostname), and
+//!   prints `seen tcp|udp <peer-addr>` for each on stdout. With
 //!   `--slice-ports N` it also serves TCP and UDP on the first N ports of the netns'
 //!   `ip_local_port_range`, which the PortSlice CNI plugin sets to the pod's slice.
 //! - `dial tcp|udp ADDR [--bind IP:PORT] [--timeout-ms MS]`: sends one line, prints the answer.
@@ -35,7 +36,11 @@ fn main() -> ExitCode {
 fn name() -> String {
     std::env::var("POD_NAME")
         .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -52,7 +57,9 @@ fn port_range() -> Result<(u16, u16), String> {
 /// Takes the value after `flag` at `i`, advancing `i`.
 fn value<'a>(args: &'a [String], i: &mut usize, flag: &str) -> Result<&'a str, String> {
     *i += 1;
-    args.get(*i).map(String::as_str).ok_or_else(|| format!("{flag} needs a value"))
+    args.get(*i)
+        .map(String::as_str)
+        .ok_or_else(|| format!("{flag} needs a value"))
 }
 
 fn port(text: &str) -> Result<u16, String> {
@@ -67,7 +74,9 @@ fn serve(args: &[String]) -> Result<(), String> {
             "--tcp" => tcp.push(port(value(args, &mut i, "--tcp")?)?),
             "--udp" => udp.push(port(value(args, &mut i, "--udp")?)?),
             "--slice-ports" => {
-                let n: u16 = value(args, &mut i, "--slice-ports")?.parse().map_err(|_| "bad --slice-ports")?;
+                let n: u16 = value(args, &mut i, "--slice-ports")?
+                    .parse()
+                    .map_err(|_| "bad --slice-ports")?;
                 let (start, end) = port_range()?;
                 for p in (start..=end).take(n as usize) {
                     tcp.push(p);
@@ -103,6 +112,8 @@ fn serve(args: &[String]) -> Result<(), String> {
 fn serve_tcp(listener: TcpListener, me: &str) {
     for conn in listener.incoming().flatten() {
         let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        // One line per caller on stdout: the e2e suite checks who did (and did not) get here.
+        println!("seen tcp {peer}");
         let mut conn = conn;
         let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
         // Read the caller's line first so the answer is never lost to an early RST.
@@ -115,6 +126,7 @@ fn serve_tcp(listener: TcpListener, me: &str) {
 fn serve_udp(socket: UdpSocket, me: &str) {
     let mut buf = [0u8; 2048];
     while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+        println!("seen udp {peer}");
         let _ = socket.send_to(format!("{me} {peer}\n").as_bytes(), peer);
     }
 }
@@ -124,13 +136,26 @@ fn dial(args: &[String]) -> Result<(), String> {
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
-            "--bind" => bind = Some(value(args, &mut i, "--bind")?.parse::<SocketAddr>().map_err(|e| e.to_string())?),
+            "--bind" => {
+                bind = Some(
+                    value(args, &mut i, "--bind")?
+                        .parse::<SocketAddr>()
+                        .map_err(|e| e.to_string())?,
+                )
+            }
             "--timeout-ms" => {
-                let ms: u64 = value(args, &mut i, "--timeout-ms")?.parse().map_err(|_| "bad --timeout-ms")?;
+                let ms: u64 = value(args, &mut i, "--timeout-ms")?
+                    .parse()
+                    .map_err(|_| "bad --timeout-ms")?;
                 timeout = Duration::from_millis(ms);
             }
             "tcp" | "udp" if proto.is_none() => proto = Some(args[i].clone()),
-            a if addr.is_none() => addr = Some(a.parse::<SocketAddr>().map_err(|e| format!("address {a:?}: {e}"))?),
+            a if addr.is_none() => {
+                addr = Some(
+                    a.parse::<SocketAddr>()
+                        .map_err(|e| format!("address {a:?}: {e}"))?,
+                )
+            }
             other => return Err(format!("unknown dial argument {other:?}")),
         }
         i += 1;
@@ -145,15 +170,24 @@ fn dial(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn dial_tcp(addr: SocketAddr, bind: Option<SocketAddr>, timeout: Duration) -> Result<String, String> {
+fn dial_tcp(
+    addr: SocketAddr,
+    bind: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<String, String> {
     let mut stream = match bind {
         Some(b) => connect_from(b, addr, timeout)?,
-        None => TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?,
+        None => TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| format!("connect {addr}: {e}"))?,
     };
-    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     writeln!(stream, "hello").map_err(|e| format!("send to {addr}: {e}"))?;
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line).map_err(|e| format!("read from {addr}: {e}"))?;
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
     if line.is_empty() {
         return Err(format!("{addr} closed without answering"));
     }
@@ -161,32 +195,51 @@ fn dial_tcp(addr: SocketAddr, bind: Option<SocketAddr>, timeout: Duration) -> Re
 }
 
 /// std has no bind-before-connect: build the socket by hand. SO_SNDTIMEO bounds connect() too.
-fn connect_from(bind: SocketAddr, addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+fn connect_from(
+    bind: SocketAddr,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, String> {
     use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, bind as sbind, connect, setsockopt, socket, sockopt,
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind as sbind, connect, setsockopt, socket,
+        sockopt,
     };
     let (SocketAddr::V4(b), SocketAddr::V4(a)) = (bind, addr) else {
         return Err("only IPv4 is supported".into());
     };
-    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| format!("socket: {e}"))?;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
     let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64);
     setsockopt(&fd, sockopt::SendTimeout, &tv).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
     setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
-    sbind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(b)).map_err(|e| format!("bind {b}: {e}"))?;
+    sbind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(b))
+        .map_err(|e| format!("bind {b}: {e}"))?;
     connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(a))
         .map_err(|e| format!("connect {addr} from {b}: {e}"))?;
     Ok(TcpStream::from(fd))
 }
 
-fn dial_udp(addr: SocketAddr, bind: Option<SocketAddr>, timeout: Duration) -> Result<String, String> {
+fn dial_udp(
+    addr: SocketAddr,
+    bind: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<String, String> {
     let local = bind.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     let socket = UdpSocket::bind(local).map_err(|e| format!("binding {local}: {e}"))?;
-    socket.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let mut buf = [0u8; 2048];
     // UDP may lose the first datagram while neighbours resolve: try three times.
     for _ in 0..3 {
-        socket.send_to(b"hello\n", addr).map_err(|e| format!("send to {addr}: {e}"))?;
+        socket
+            .send_to(b"hello\n", addr)
+            .map_err(|e| format!("send to {addr}: {e}"))?;
         if let Ok((n, _)) = socket.recv_from(&mut buf) {
             return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
         }

@@ -39,7 +39,20 @@ pub fn check(env: &CniEnv, conf: &PluginConfig) -> Result<(), CniError> {
         None => find_slice(env, conf)?,
     };
     let Some(slice) = slice else {
-        return Ok(());
+        // A plain pod: its only state is the datapath entry that lets it reach slice pods.
+        return match (&dp, &recorded) {
+            (Some(dp), Some(attachment)) => dp.check_pod(attachment).map_err(|e| {
+                CniError::new(code::CHECK_FAILED, "the datapath entry is not in place")
+                    .with_details(e.to_string())
+            }),
+            // ADD attaches every pod while the datapath is loaded: a missing entry means this
+            // pod cannot reach slice pods on the node address (matrix row 4).
+            (Some(_), None) => Err(CniError::new(
+                code::CHECK_FAILED,
+                "the pod has no datapath entry",
+            )),
+            (None, _) => Ok(()),
+        };
     };
     let (Some(dp), Some(attachment)) = (dp, recorded) else {
         return Err(match PinnedDatapath::open(&conf.pin_root) {

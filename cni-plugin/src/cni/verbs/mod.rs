@@ -24,7 +24,7 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
     }
     let conf = PluginConfig::parse(stdin)?;
     let version = conf.version.as_str();
-    let span = tracing::info_span!("cni", command = ?env.command, container_id = %env.container_id);
+    let span = tracing::info_span!("cni", command = env.command.as_str(), container_id = %env.container_id);
     let _enter = span.enter();
     let out = match env.command {
         Command::Add => add::add(env, &conf).map(Some),
@@ -32,16 +32,10 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
         Command::Check => check::check(env, &conf).map(|()| None),
         Command::Gc => gc_status::gc(&conf).map(|()| None),
         Command::Status => gc_status::status(&conf).map(|()| None),
-        Command::Version => unreachable_version(),
+        // Answered above without parsing the config; kept total for the match.
+        Command::Version => Ok(Some(version_reply(Some(version)).to_string())),
     };
     out.map_err(|e| e.in_version(version))
-}
-
-fn unreachable_version() -> Result<Option<String>, CniError> {
-    Err(CniError::new(
-        code::INVALID_ENV,
-        "VERSION is answered before the config is read",
-    ))
 }
 
 /// Opens the datapath the daemon pinned; `Ok(None)` when it is not loaded.
