@@ -246,6 +246,9 @@ fn measure(t: &Topology, s: &Settings, scenario: &str, target: &Target) -> Row {
     let tcp_in = tcp_gbps(&t.remote, target.iperf, false, s.secs);
     let tcp_out = tcp_gbps(&t.remote, target.iperf, true, s.secs);
     let udp = udp_kpps(&t.remote, target.iperf, s.secs);
+    // Warm-up (discarded): the first burst of connections after a quiet spell runs slower
+    // (page cache, slab, TIME_WAIT buckets), which would penalise whoever is measured first.
+    let _ = conn_rate(&t.remote, target.rr, s.conn_threads, 1);
     let mut conns = Vec::new();
     let mut conntrack = 0;
     for _ in 0..s.conn_runs {
@@ -610,7 +613,7 @@ fn datapath_benchmark() {
 
     let mut body = String::new();
     body.push_str(&format!(
-        "Measured by `e2e/scripts/bench-datapath.sh` on {} ({} s per throughput/rate measurement, {} request/response round trips, {} client threads). Namespaces on one machine: remote ─veth─ node ─veth─ pod, all traffic through real veths; the remote is the client. \"in\" = remote → target, \"out\" = target → remote (iperf3 -R). conn/s = connect, one 64-byte request/response, close (median of {} runs). conntrack entries = entries the node's conntrack gained during the conn/s run (kube-proxy-style `ctstate INVALID` rules make conntrack track everything the host stack sees).\n\n",
+        "Measured by `e2e/scripts/bench-datapath.sh` on {} ({} s per throughput/rate measurement, {} request/response round trips, {} client threads). Namespaces on one machine: remote ─veth─ node ─veth─ pod, all traffic through real veths; the remote is the client. \"in\" = remote → target, \"out\" = target → remote (iperf3 -R). conn/s = connect, one 64-byte request/response, close (median of {} runs). conntrack entries = entries the node's conntrack gained during the conn/s run (kube-proxy-style `ctstate INVALID` rules make conntrack track everything the host stack sees). The machine is shared (2 cores, other builds and a test cluster running), so rates move by tens of percent from run to run: read the table for its orders of magnitude (conntrack entries, the 10,000-rule collapse) rather than for single-digit percentages.\n\n",
         sh("uname", &["-sr"]).trim(),
         s.secs,
         s.rr_iterations,

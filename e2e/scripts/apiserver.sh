@@ -19,6 +19,8 @@ ADVERTISE=${APISERVER_ADVERTISE_ADDRESS:-127.0.0.1}
 BIND=${APISERVER_BIND_ADDRESS:-127.0.0.1}
 SVC_RANGE=${SERVICE_CLUSTER_IP_RANGE:-10.0.0.0/24}
 ETCD_BIN=${ETCD_BIN:-etcd}
+# Where clients (kubeconfig, readiness probe) reach the secure port.
+case "$BIND" in 0.0.0.0|::|"") CLIENT_HOST=127.0.0.1 ;; *) CLIENT_HOST=$BIND ;; esac
 
 # A random port in 20000-29999: below the NodePort range and the kernel's ephemeral range, so a
 # client socket never steals it between the check and the bind. Retried on collision by the caller.
@@ -47,7 +49,7 @@ gen_certs() {
 basicConstraints=CA:FALSE
 keyUsage=digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:$ADVERTISE,IP:$svc_ip,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+subjectAltName=IP:127.0.0.1,IP:$ADVERTISE,IP:$CLIENT_HOST,IP:$svc_ip,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 EOF
     openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
         -keyout "$d/pki/serving.key" -out "$d/pki/serving.csr" 2>/dev/null
@@ -71,7 +73,7 @@ kind: Config
 clusters:
 - name: portslice-test
   cluster:
-    server: https://127.0.0.1:$port
+    server: https://$CLIENT_HOST:$port
     certificate-authority-data: $(base64 -w0 < "$d/ca.crt")
 users:
 - name: admin
@@ -142,7 +144,7 @@ start_apiserver() {
             >"$d/apiserver.log" 2>&1 &
         echo $! > "$d/apiserver.pid"
         write_kubeconfig "$d" "$port"
-        if wait_ok "curl -sf --cacert $d/ca.crt --cert $d/pki/admin.crt --key $d/pki/admin.key https://127.0.0.1:$port/readyz" \
+        if wait_ok "curl -sf --cacert $d/ca.crt --cert $d/pki/admin.crt --key $d/pki/admin.key https://$CLIENT_HOST:$port/readyz" \
             "$d/apiserver.pid" 120; then
             return 0
         fi

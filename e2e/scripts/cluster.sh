@@ -507,6 +507,13 @@ down() {
         # Stopping the sandboxes through CRI runs CNI DEL for each: veths, IPAM and chains go.
         crictl_e2e rmp -fa >/dev/null 2>&1 || log "warning: crictl rmp -fa failed"
     fi
+    # A chart still installed (down without helm uninstall): undo what its node daemon did.
+    if [ -x "$CNI_BIN_DIR/portslice" ]; then
+        "$CNI_BIN_DIR/portslice" daemon --uninstall --uplink "$UPLINK" --node-ip "$NODE_IP" \
+            --cni-bin-dir "$CNI_BIN_DIR" --cni-conf-dir "$CNI_CONF_DIR" \
+            --kubeconfig-out "$CNI_CONF_DIR/portslice.kubeconfig" >/dev/null 2>&1 ||
+            log "warning: portslice daemon --uninstall failed"
+    fi
     stop_proc kube-proxy
     [ -x "$K8S_BIN/kube-proxy" ] && "$K8S_BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
     delete_kube_chains

@@ -177,4 +177,31 @@ mod tests {
         assert_eq!(w.unprivileged_port_start(1024), Some(53));
         assert_eq!(wiring(40000, 40010).unprivileged_port_start(1024), None);
     }
+
+    /// What the rules decide for a packet the pod sends to `<node IP>:port`: the first matching
+    /// rule's table, as the kernel walks them.
+    fn table_for(rules: &[RuleSpec], proto: u8, port: u16) -> u32 {
+        rules
+            .iter()
+            .filter(|r| !r.iif_pod)
+            .find(|r| {
+                r.ip_proto.is_none_or(|p| p == proto)
+                    && r.dport.is_none_or(|(a, b)| a <= port && port <= b)
+            })
+            .map_or(TABLE_LOCAL, |r| r.table)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn exactly_the_own_ports_resolve_local(start in 1u16..=65535, len in 0u16..3000, port in 1u16..=65535) {
+            let end = start.saturating_add(len);
+            let w = wiring(start, end);
+            let rules = w.rules();
+            proptest::prop_assert!(rules.iter().all(|r| r.dport.is_none_or(|(a, b)| a >= 1 && a <= b && b < 65535)));
+            for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+                let local = table_for(&rules, proto, port) == TABLE_LOCAL;
+                proptest::prop_assert_eq!(local, start <= port && port <= end, "port {} of {}-{}", port, start, end);
+            }
+        }
+    }
 }

@@ -37,3 +37,21 @@ where
         .join()
         .map_err(|_| NetnsError::Thread("it panicked".into()))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_netns_is_reported_as_gone() {
+        let r = in_netns(Path::new("/run/netns/portslice-does-not-exist"), || Ok(()));
+        assert!(matches!(r, Err(NetnsError::Gone(_))), "{r:?}");
+    }
+
+    #[test]
+    fn a_file_that_is_no_netns_cannot_be_entered() {
+        // setns(2) refuses a regular file: DEL treats this like a gone netns.
+        let r = in_netns(Path::new("/proc/self/status"), || Ok(()));
+        assert!(matches!(r, Err(NetnsError::Enter { .. })), "{r:?}");
+    }
+}

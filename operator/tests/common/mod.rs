@@ -466,7 +466,10 @@ impl Operator {
             if let Some(status) = self.exited() {
                 return status;
             }
-            assert!(start.elapsed() < timeout, "operator did not exit within {timeout:?}");
+            assert!(
+                start.elapsed() < timeout,
+                "operator did not exit within {timeout:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -524,6 +527,9 @@ impl Drop for Operator {
             );
         }
         self.kill();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 

@@ -52,7 +52,10 @@ fn add_plain_pod(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress) -> Result<
     })
     .map_err(|e| netns_err("reading the pod interface failed", e))?;
     let Some(host_ifindex) = link.peer_ifindex else {
-        return Err(not_a_veth(env));
+        // Not a veth (macvlan, ipvlan, ...): the pod works as the primary plugin made it, it
+        // just cannot reach slice pods on the node address. Refusing it would break more.
+        tracing::warn!(ifname = %env.ifname, "pod interface is not a veth to the node; passing through");
+        return Ok(());
     };
     let attachment = PodAttachment {
         container_id: env.container_id.clone(),

@@ -24,7 +24,13 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
     }
     let conf = PluginConfig::parse(stdin)?;
     let version = conf.version.as_str();
-    let span = tracing::info_span!("cni", command = env.command.as_str(), container_id = %env.container_id);
+    let pod = crate::slice_source::PodIdentity::from_args(&env.args).display();
+    let span = tracing::info_span!(
+        "cni",
+        command = env.command.as_str(),
+        container_id = %env.container_id,
+        pod = %pod
+    );
     let _enter = span.enter();
     let out = match env.command {
         Command::Add => add::add(env, &conf).map(Some),
