@@ -4,15 +4,18 @@
 # and runs the suite with the docker host as the "remote host" and `docker exec` into the node
 # for the node-side checks.
 #
-# needs: docker, kind, kubectl, helm in PATH; the eBPF datapath needs a host kernel >= 6.6 (tcx).
+# needs: docker, kind, kubectl, helm in PATH; the eBPF datapath needs a host kernel >= 6.6 (tcx)
+# and bpffs mounted at /sys/fs/bpf on the host (kind nodes share the host's kernel).
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 
 CLUSTER=${KIND_CLUSTER:-portslice-e2e}
+# kind publishes node images per Kubernetes release; pick one that matches your kind version.
+KIND_NODE_IMAGE=${KIND_NODE_IMAGE:-kindest/node:v1.34.0}
 NODE=$CLUSTER-control-plane
 for tool in docker kind kubectl helm; do command -v "$tool" >/dev/null || die "$tool is required"; done
 
-kind get clusters | grep -qx "$CLUSTER" || stage kind-create kind create cluster --name "$CLUSTER" --image "kindest/node:v$K8S_VERSION"
+kind get clusters | grep -qx "$CLUSTER" || stage kind-create kind create cluster --name "$CLUSTER" --image "$KIND_NODE_IMAGE"
 stage images bash e2e/scripts/images.sh --no-import
 for t in portslice-operator portslice-node portslice-e2e-agent; do
     stage "kind-load-$t" kind load image-archive "$PORTSLICE_CACHE/images/$t.tar" --name "$CLUSTER"

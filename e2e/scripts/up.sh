@@ -11,10 +11,16 @@ RELEASE=${RELEASE:-portslice}
 RELEASE_NS=${RELEASE_NS:-portslice-system}
 AGENT=$REPO_ROOT/target/release/portslice-e2e-agent
 
+# The image tags stay "dev"; the tars' digests as pod annotations roll the pods when a rebuilt
+# image was imported.
+digest() { sha256sum "$PORTSLICE_CACHE/images/$1.tar" | cut -c1-16; }
+
 helm_install() {
     "$TOOLS_BIN/helm" --kubeconfig "$E2E_KUBECONFIG" upgrade --install "$RELEASE" charts/portslice \
         -n "$RELEASE_NS" --create-namespace --wait --timeout 5m \
-        --set node.uplink="$UPLINK" "$@"
+        --set node.uplink="$UPLINK" \
+        --set-string operator.podAnnotations.imageDigest="$(digest portslice-operator)" \
+        --set-string node.podAnnotations.imageDigest="$(digest portslice-node)" "$@"
 }
 
 examples() {

@@ -23,7 +23,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{error, info};
 
 use crate::config::Config;
-use crate::leader::Campaign;
+use crate::leader::{Campaign, Fence};
 use crate::metrics::Metrics;
 use crate::server::Health;
 
@@ -70,6 +70,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     health.set_leader(true);
     metrics.leader.set(1);
     info!("became leader");
+    let fence = Arc::new(Fence::default());
+    tokio::spawn(fence.clone().maintain(client.clone(), config.clone()));
+    // Allocation waits for the fence anyway; starting with it up avoids a burst of retries.
+    for _ in 0..100 {
+        if fence.holds() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 
     // The controller wants a Sync shutdown future; bridge the watch into a oneshot.
     let (ctl_stop_tx, ctl_stop_rx) = oneshot::channel::<()>();
@@ -78,7 +87,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         bridge.await;
         let _ = ctl_stop_tx.send(());
     });
-    let controller = controller::run(client, config, metrics, health.clone(), async move {
+    let controller = controller::run(client, config, metrics, health.clone(), fence, async move {
         let _ = ctl_stop_rx.await;
     });
     tokio::select! {

@@ -239,6 +239,40 @@ async fn operator_killed_and_restarted_mid_stream_never_overlaps() {
 }
 
 #[tokio::test]
+async fn a_restarted_operator_rebuilds_its_table_from_the_statuses() {
+    with_namespace("rebuild", |ns| async move {
+        let mut op = ns.operator(&["--pool", "40000-40999"]);
+        for i in 0..20 {
+            ns.create_size(&format!("z{i:02}"), 10).await;
+        }
+        for i in 0..20 {
+            ns.wait_allocated(&format!("z{i:02}")).await;
+        }
+        assert!(op.terminate().success());
+        // New slices that list before the old ones (etcd lists by name) while no operator runs:
+        // the new operator must know every old status before it hands anything out.
+        for i in 0..20 {
+            ns.create_size(&format!("a{i:02}"), 10).await;
+        }
+        let _op = ns.operator(&["--pool", "40000-40999"]);
+        for i in 0..20 {
+            ns.wait_allocated(&format!("a{i:02}")).await;
+        }
+        let ranges = ns.assert_no_overlap().await;
+        assert_eq!(ranges.len(), 40);
+        // First fit continues right after the old allocations (in any order among the new).
+        let new: Vec<_> = ranges
+            .iter()
+            .filter(|(n, _)| n.starts_with('a'))
+            .map(|(_, r)| *r)
+            .collect();
+        assert_eq!(new.iter().map(|r| r.start).min(), Some(40200));
+        assert_eq!(new.iter().map(|r| r.end).max(), Some(40399));
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_standby_takes_over_when_the_leader_dies() {
     with_namespace("standby", |ns| async move {
         let mut first = ns.operator(&[]);

@@ -21,6 +21,7 @@ use tracing::{debug, error, info, warn};
 pub use reconcile::{Error, error_policy, reconcile};
 
 use crate::config::Config;
+use crate::leader::Fence;
 use crate::metrics::Metrics;
 use crate::server::Health;
 use index::{SliceId, SliceIndex};
@@ -35,6 +36,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub config: Config,
     pub pods: Store<Pod>,
+    /// Closed when this replica's Lease may have run out: no ports are handed out then.
+    pub fence: Arc<Fence>,
     shared: Arc<Shared>,
 }
 
@@ -138,6 +141,7 @@ pub async fn run(
     config: Config,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    fence: Arc<Fence>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
@@ -201,6 +205,7 @@ pub async fn run(
         metrics,
         config,
         pods: pod_store,
+        fence,
         shared,
     });
     info!("controller starting");

@@ -32,6 +32,9 @@ pub enum Error {
     /// so a deleted slice that must keep its range returns this, with when to look again.
     #[error("range still held (pods running or quarantine); checking again in {0:?}")]
     Held(Duration),
+    /// The leader Lease may have expired (see `leader::Fence`); hand out nothing.
+    #[error("not handing out ports: the leader Lease may have expired")]
+    Fenced,
 }
 
 impl Error {
@@ -41,6 +44,7 @@ impl Error {
             Error::WriteStatus { .. } => "write_status",
             Error::NoNamespace(_) => "no_namespace",
             Error::Held(_) => "held",
+            Error::Fenced => "fenced",
             Error::Finalizer(e) => match e.as_ref() {
                 finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
                     inner.label()
@@ -101,9 +105,12 @@ pub fn error_policy(obj: Arc<PortSlice>, error: &Error, ctx: Arc<Context>) -> Ac
         .reconcile_errors
         .get_or_create(&ErrorLabels { error: label })
         .inc();
-    if label == "conflict" {
+    match label {
         // Our copy was stale; the watch event with the fresh one is on its way.
-        return Action::requeue(Duration::from_millis(250));
+        "conflict" => return Action::requeue(Duration::from_millis(250)),
+        // Either the Lease renewal shows up shortly, or the process exits as it lost the Lease.
+        "fenced" => return Action::requeue(Duration::from_secs(1)),
+        _ => {}
     }
     warn!(slice = %obj.name_any(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(5))
@@ -129,6 +136,9 @@ async fn apply(obj: &PortSlice, ctx: &Context, api: &Api<PortSlice>) -> Result<A
     ));
     let newly_allocated = matches!(outcome, Outcome::Allocated { range } if obj.status.as_ref().and_then(|s| s.range) != Some(range));
     let reason_changed = current_reason(obj.status.as_ref()) != Some(outcome.reason());
+    if newly_allocated && !ctx.fence.holds() {
+        return Err(Error::Fenced);
+    }
     write_status(obj, api, &outcome, slivers, None).await?;
     if newly_allocated {
         ctx.metrics.allocations.inc();
