@@ -94,7 +94,8 @@ for n in $counts; do
     dir="$work/api-$n"
     stage "start kube-apiserver + etcd ($n)" bash e2e/scripts/apiserver.sh start "$dir"
     export KUBECONFIG="$dir/kubeconfig"
-    "$OPERATOR" --metrics-addr 127.0.0.1:0 --lease-namespace default --concurrency 64 \
+    metrics_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    "$OPERATOR" --metrics-addr "127.0.0.1:$metrics_port" --lease-namespace default --concurrency 64 \
         >"$work/operator-$n.log" 2>&1 &
     op_pid=$!
     request_counts "$dir" > "$work/before-$n.tsv"
@@ -104,6 +105,8 @@ for n in $counts; do
     request_counts "$dir" > "$work/after-$n.tsv"
     if [ -n "${BENCH_LATENCY:-}" ]; then request_latency "$dir" >&2; fi
     hwm=$(proc_kb "$op_pid" VmHWM); rss=$(proc_kb "$op_pid" VmRSS)
+    errors=$(curl -sf "http://127.0.0.1:$metrics_port/metrics" | sed -n 's/^portslice_reconcile_errors_total{error="\([a-z_]*\)"} \([0-9]*\).*/\1=\2/p' | tr '\n' ' ')
+    log "operator reconcile errors: ${errors:-none}"
     kill -TERM "$op_pid"; wait "$op_pid" || die "operator did not exit cleanly on SIGTERM"; op_pid=""
     { read -r total; read -r breakdown; } < <(request_delta "$work/before-$n.tsv" "$work/after-$n.tsv")
     secs=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["allocated_secs"])' "$out")
