@@ -18,7 +18,10 @@ pub const SLICE_ANNOTATION: &str = "portslice.io/slice";
 /// Finalizer that keeps a deleted slice's range reserved until its pods are gone.
 pub const FINALIZER: &str = "portslice.io/range-release";
 /// The Kubernetes NodePort range; never part of an allocation pool.
-pub const NODE_PORT_RANGE: PortRange = PortRange { start: 30000, end: 32767 };
+pub const NODE_PORT_RANGE: PortRange = PortRange {
+    start: 30000,
+    end: 32767,
+};
 
 /// Renders the CRD as YAML, exactly as checked in under `crds/`.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {

@@ -4,8 +4,19 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// An inclusive range of ports, `start..=end`.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[derive(kube::KubeSchema)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    kube::KubeSchema,
+)]
 #[x_kube(validation = kube::core::Rule::new("self.start <= self.end").message("ports.start must be less than or equal to ports.end"))]
 pub struct PortRange {
     /// First port of the range (inclusive).
@@ -74,7 +85,9 @@ impl FromStr for PortRange {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         let port = |p: &str| -> Result<u16, PortRangeError> {
-            p.trim().parse::<u16>().map_err(|_| PortRangeError::Port(p.trim().to_string()))
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| PortRangeError::Port(p.trim().to_string()))
         };
         match s.split_once('-') {
             Some((a, b)) => PortRange::new(port(a)?, port(b)?),
@@ -93,9 +106,18 @@ mod tests {
 
     #[test]
     fn parses_ranges_and_single_ports() {
-        assert_eq!("40000-49999".parse(), Ok(PortRange { start: 40000, end: 49999 }));
+        assert_eq!(
+            "40000-49999".parse(),
+            Ok(PortRange {
+                start: 40000,
+                end: 49999
+            })
+        );
         assert_eq!(" 53 ".parse(), Ok(PortRange { start: 53, end: 53 }));
-        assert_eq!("5-4".parse::<PortRange>(), Err(PortRangeError::Empty { start: 5, end: 4 }));
+        assert_eq!(
+            "5-4".parse::<PortRange>(),
+            Err(PortRangeError::Empty { start: 5, end: 4 })
+        );
         assert!("0-10".parse::<PortRange>().is_err());
         assert!("70000".parse::<PortRange>().is_err());
         assert!("".parse::<PortRange>().is_err());
