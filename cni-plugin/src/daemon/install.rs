@@ -83,12 +83,14 @@ pub fn host_listeners_in_pool(pool: &[PortRange]) -> Vec<(&'static str, u16)> {
 }
 
 /// The entry we append to the node's conflist. The CNI plugin reads `pinRoot`, `nodeIP` and
-/// `kubeconfig` from it.
+/// `kubeconfig` from it. The `io.kubernetes.cri.pod-annotations` capability makes containerd pass
+/// the pod's annotations in `runtimeConfig`, so ADD learns the slice without reading the Pod.
 pub fn plugin_entry(args: &DaemonArgs) -> serde_json::Value {
     let mut v = json!({
         "type": PLUGIN_TYPE,
         "pinRoot": args.pin_root,
         "nodeIP": args.node_ip.to_string(),
+        "capabilities": { "io.kubernetes.cri.pod-annotations": true },
     });
     if let Some(k) = &args.kubeconfig_out {
         v["kubeconfig"] = json!(k);
@@ -214,5 +216,9 @@ mod tests {
             serde_json::json!(["10.244.0.0/16", "10.96.0.0/16"])
         );
         assert_eq!(v["nodeIP"], "198.18.0.1");
+        assert_eq!(
+            v["capabilities"]["io.kubernetes.cri.pod-annotations"], true,
+            "without the capability containerd never passes annotations and every ADD reads the Pod"
+        );
     }
 }
