@@ -103,15 +103,7 @@ fn add_at_1_1_0_then_gc_removes_only_stale_attachments_and_status_reports_ready(
     let mut pods = Vec::new();
     for range in ["41200-41209", "41210-41219"] {
         let mut pod = CniPod::new(&format!("PORTSLICE_RANGE={range}"));
-        let conf = rt10.list.conf_for(0, None, None);
-        let ptp = exec_plugin(
-            Some(&t.node.path()),
-            "ptp",
-            &pod.env("ADD"),
-            &conf.to_string(),
-        );
-        assert!(ptp.ok(), "{ptp:?}");
-        let mut prev = ptp.json();
+        let mut prev = rt10.add_primary(&mut pod);
         prev["cniVersion"] = json!("1.1.0");
         let mut c = rt10.list.conf_for(1, Some(&prev), None);
         c["cniVersion"] = json!("1.1.0");
@@ -126,16 +118,18 @@ fn add_at_1_1_0_then_gc_removes_only_stale_attachments_and_status_reports_ready(
         pod.result = Some(inv.json());
         pods.push(pod);
     }
-    let gc_env = vec![
-        ("CNI_COMMAND".to_string(), "GC".to_string()),
-        ("CNI_PATH".to_string(), "/usr/lib/cni".to_string()),
-    ];
+    // GC and STATUS are about the whole network: no container, no netns.
+    let network_wide = |command: &str, c: &Value| {
+        let env = [("CNI_COMMAND", command), ("CNI_PATH", "/usr/lib/cni")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        exec_plugin(Some(&t.node.path()), "portslice", &env, &c.to_string())
+    };
     let mut c = portslice_conf(&t);
     c["cniVersion"] = json!("1.1.0");
     c["name"] = json!(rt10.list.name);
     c["cni.dev/valid-attachments"] =
         json!([{"containerID": pods[0].container_id, "ifname": "eth0"}]);
-    let inv = exec_plugin(Some(&t.node.path()), "portslice", &gc_env, &c.to_string());
+    let inv = network_wide("GC", &c);
     assert!(inv.ok() && inv.stdout.trim().is_empty(), "{inv:?}");
     assert!(
         datapath_has(&t, &pods[0].container_id),
@@ -147,24 +141,10 @@ fn add_at_1_1_0_then_gc_removes_only_stale_attachments_and_status_reports_ready(
     );
     assert_reachable(&t, &pods[0], 41205);
 
-    let status_env = vec![
-        ("CNI_COMMAND".to_string(), "STATUS".to_string()),
-        ("CNI_PATH".to_string(), "/usr/lib/cni".to_string()),
-    ];
-    let inv = exec_plugin(
-        Some(&t.node.path()),
-        "portslice",
-        &status_env,
-        &c.to_string(),
-    );
+    let inv = network_wide("STATUS", &c);
     assert!(inv.ok() && inv.stdout.trim().is_empty(), "{inv:?}");
     c["pinRoot"] = json!("/sys/fs/bpf/portslice-no-such-root");
-    let inv = exec_plugin(
-        Some(&t.node.path()),
-        "portslice",
-        &status_env,
-        &c.to_string(),
-    );
+    let inv = network_wide("STATUS", &c);
     assert_eq!(inv.error_code(), 50, "{inv:?}");
     for pod in &pods {
         rt10.del(pod).expect("DEL");
@@ -180,21 +160,10 @@ fn a_pod_without_a_slice_passes_through_unchanged() {
     let ipam = TempDir::new("ipam");
     let rt = runtime(&t, "1.0.0", &ipam, json!({}));
     let mut pod = CniPod::new("");
-    let conf = rt.list.conf_for(0, None, None);
-    let ptp = exec_plugin(
-        Some(&t.node.path()),
-        "ptp",
-        &pod.env("ADD"),
-        &conf.to_string(),
-    );
-    assert!(ptp.ok(), "{ptp:?}");
-    let inv = rt.exec_last(&pod, "ADD", Some(&ptp.json()));
+    let prev = rt.add_primary(&mut pod);
+    let inv = rt.exec_last(&pod, "ADD", Some(&prev));
     assert!(inv.ok(), "{inv:?}");
-    assert_eq!(
-        inv.json(),
-        ptp.json(),
-        "prevResult passes through unchanged"
-    );
+    assert_eq!(inv.json(), prev, "prevResult passes through unchanged");
     pod.result = Some(inv.json());
     assert!(leftovers(&pod.ns).is_empty());
     assert_eq!(
@@ -326,20 +295,6 @@ fn assert_failed_cleanly(t: &Topology, pod: &CniPod, inv: &cni_common::Invocatio
     assert!(!datapath_has(t, &pod.container_id));
 }
 
-/// ptp ADD for `pod`, returning its result (the prevResult portslice sees).
-fn ptp_add(t: &Topology, rt: &Runtime<'_>, pod: &mut CniPod) -> Value {
-    let conf = rt.list.conf_for(0, None, pod.runtime_config.as_ref());
-    let inv = exec_plugin(
-        Some(&t.node.path()),
-        "ptp",
-        &pod.env("ADD"),
-        &conf.to_string(),
-    );
-    assert!(inv.ok(), "ptp ADD: {inv:?}");
-    pod.result = Some(inv.json());
-    inv.json()
-}
-
 #[test]
 fn a_second_sliver_of_a_slice_on_one_node_is_refused_and_leaves_nothing() {
     if !require_root("second_sliver") {
@@ -356,7 +311,7 @@ fn a_second_sliver_of_a_slice_on_one_node_is_refused_and_leaves_nothing() {
     let mut a = CniPod::new("PORTSLICE_SLICE=media");
     rt.add(&mut a).expect("first sliver");
     let mut b = CniPod::new("PORTSLICE_SLICE=media");
-    let prev = ptp_add(&t, &rt, &mut b);
+    let prev = rt.add_primary(&mut b);
     let inv = rt.exec_last(&b, "ADD", Some(&prev));
     assert_failed_cleanly(&t, &b, &inv, 102);
     assert!(
@@ -368,7 +323,7 @@ fn a_second_sliver_of_a_slice_on_one_node_is_refused_and_leaves_nothing() {
     );
     // A different slice name claiming overlapping ports is refused the same way.
     let mut c = CniPod::new("PORTSLICE_RANGE=41650-41750");
-    let prev = ptp_add(&t, &rt, &mut c);
+    let prev = rt.add_primary(&mut c);
     assert_failed_cleanly(&t, &c, &rt.exec_last(&c, "ADD", Some(&prev)), 102);
     assert_reachable(&t, &a, 41610);
     for p in [&a, &b, &c] {
@@ -391,19 +346,19 @@ fn failed_adds_get_their_code_and_leave_nothing_behind() {
         json!({"pinRoot": "/sys/fs/bpf/portslice-no-such-root"}),
     );
     let mut p = CniPod::new("PORTSLICE_RANGE=41700-41709");
-    let prev = ptp_add(&t, &rt_nodp, &mut p);
+    let prev = rt_nodp.add_primary(&mut p);
     assert_failed_cleanly(&t, &p, &rt_nodp.exec_last(&p, "ADD", Some(&prev)), 105);
     rt_nodp.del(&p).expect("DEL");
 
     let rt = runtime(&t, "1.0.0", &ipam, json!({}));
     // A static slice that does not exist.
     let mut p = CniPod::new("PORTSLICE_SLICE=nope");
-    let prev = ptp_add(&t, &rt, &mut p);
+    let prev = rt.add_primary(&mut p);
     assert_failed_cleanly(&t, &p, &rt.exec_last(&p, "ADD", Some(&prev)), 100);
     rt.del(&p).expect("DEL");
     // A range that is no range.
     let mut p = CniPod::new("PORTSLICE_RANGE=70000-70001");
-    let prev = ptp_add(&t, &rt, &mut p);
+    let prev = rt.add_primary(&mut p);
     assert_failed_cleanly(&t, &p, &rt.exec_last(&p, "ADD", Some(&prev)), 4);
     rt.del(&p).expect("DEL");
 
@@ -424,7 +379,7 @@ fn failed_adds_get_their_code_and_leave_nothing_behind() {
         json!({"kubeconfig": kubeconfig, "apiTimeoutMs": 300}),
     );
     let mut p = CniPod::new("");
-    let prev = ptp_add(&t, &rt_api, &mut p);
+    let prev = rt_api.add_primary(&mut p);
     let inv = rt_api.exec_last(&p, "ADD", Some(&prev));
     assert_failed_cleanly(&t, &p, &inv, 11);
     assert!(
@@ -436,7 +391,7 @@ fn failed_adds_get_their_code_and_leave_nothing_behind() {
     // Nobody listens at all: connection refused is transient too.
     drop(listener);
     let mut p = CniPod::new("");
-    let prev = ptp_add(&t, &rt_api, &mut p);
+    let prev = rt_api.add_primary(&mut p);
     assert_failed_cleanly(&t, &p, &rt_api.exec_last(&p, "ADD", Some(&prev)), 11);
     rt_api.del(&p).expect("DEL");
 }

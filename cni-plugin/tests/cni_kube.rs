@@ -12,15 +12,14 @@ use std::path::Path;
 use cni_common::latency::percentiles;
 use cni_common::loopback::Relay;
 use cni_common::{
-    CniPod, Conflist, Runtime, TempDir, datapath_has, exec_plugin, leftovers, portslice_conf,
-    sysctl_in,
+    CniPod, Conflist, Runtime, TempDir, datapath_has, leftovers, portslice_conf, sysctl_in,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, CustomResourceExt};
 use portslice_crds::{PortRange, PortSlice, PortSliceSpec, Protocol, SLICE_ANNOTATION};
-use serde_json::{Value, json};
+use serde_json::json;
 use support::traffic::{tcp_request, tcp_server};
 use support::{NODE_IP, Topology, require_root};
 
@@ -239,7 +238,7 @@ fn slices_come_from_the_api_server_with_the_right_codes_and_latency() {
     // 3. A Pod without the annotation passes through.
     let mut c = CniPod::in_namespace(&kns.name, "");
     kns.pod(&c.pod_name(), None);
-    let prev = ptp_add(&t, &rt, &mut c);
+    let prev = rt.add_primary(&mut c);
     let inv = rt.exec_last(&c, "ADD", Some(&prev));
     assert!(inv.ok(), "{inv:?}");
     assert_eq!(inv.json(), prev, "unchanged");
@@ -248,7 +247,7 @@ fn slices_come_from_the_api_server_with_the_right_codes_and_latency() {
     for (slice, code) in [("missing", 100), ("pending", 101)] {
         let mut p = CniPod::in_namespace(&kns.name, "");
         annotated(&mut p, Some(slice));
-        let prev = ptp_add(&t, &rt, &mut p);
+        let prev = rt.add_primary(&mut p);
         let inv = rt.exec_last(&p, "ADD", Some(&prev));
         assert_eq!(inv.error_code(), code, "{slice}: {inv:?}");
         assert!(leftovers(&p.ns).is_empty());
@@ -261,7 +260,7 @@ fn slices_come_from_the_api_server_with_the_right_codes_and_latency() {
     for _ in 0..20 {
         let mut p = CniPod::in_namespace(&kns.name, "");
         annotated(&mut p, Some("bench"));
-        let prev = ptp_add(&t, &rt, &mut p);
+        let prev = rt.add_primary(&mut p);
         let inv = rt.exec_last(&p, "ADD", Some(&prev));
         assert!(inv.ok(), "{inv:?}");
         adds.push(inv.elapsed);
@@ -288,17 +287,4 @@ fn slices_come_from_the_api_server_with_the_right_codes_and_latency() {
         rt.del(p).expect("DEL");
     }
     drop(relay);
-}
-
-fn ptp_add(t: &Topology, rt: &Runtime<'_>, pod: &mut CniPod) -> Value {
-    let conf = rt.list.conf_for(0, None, None);
-    let inv = exec_plugin(
-        Some(&t.node.path()),
-        "ptp",
-        &pod.env("ADD"),
-        &conf.to_string(),
-    );
-    assert!(inv.ok(), "ptp ADD: {inv:?}");
-    pod.result = Some(inv.json());
-    inv.json()
 }

@@ -517,32 +517,7 @@ fn datapath_benchmark() {
     let s = Settings::from_env();
     let mut t = Topology::new();
     // kube-proxy-style rules: conntrack tracks everything the host stack sees, as on a node.
-    t.node.run(
-        "iptables",
-        &[
-            "-A",
-            "INPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "INVALID",
-            "-j",
-            "DROP",
-        ],
-    );
-    t.node.run(
-        "iptables",
-        &[
-            "-A",
-            "FORWARD",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "INVALID",
-            "-j",
-            "DROP",
-        ],
-    );
+    support::drop_conntrack_invalid(&t.node);
     // The remote opens many short connections: give it ports and let it reuse TIME_WAIT.
     t.remote
         .sysctl("net.ipv4.ip_local_port_range", "1024 65000");

@@ -1,36 +1,15 @@
 //! The connectivity matrix of DESIGN.md, proven with real traffic through the real eBPF
 //! datapath in network namespaces (root; skipped loudly otherwise). Each test builds its own
-//! topology (see tests/support) and fails without the feature its name states.
+//! topology (see tests/support) and fails without the feature its name states. The row checks
+//! themselves live in `support::rows`; `matrix.rs` runs the same ones on pods the CNI chain
+//! created.
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
-
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use support::traffic::{
-    icmp_responder, ping_with_id, tcp_counter, tcp_request, tcp_server, udp_counter, udp_request,
-    udp_sees_port_unreachable, udp_send, udp_server,
-};
+use support::rows::{self, A, ANY, B, HOST_PORT, HOSTILE, sa};
+use support::traffic::{tcp_request, tcp_server, udp_request, udp_server};
 use support::{NODE_IP, REMOTE_IP, Topology, require_root};
-
-const ANY: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
-const A: (u16, u16) = (40000, 40099);
-const B: (u16, u16) = (40100, 40199);
-const HOST_PORT: u16 = 2222;
-
-fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(ip, port)
-}
-
-/// The port in "<tag> <ip>:<port> ..." replies.
-fn peer(reply: &str) -> SocketAddrV4 {
-    reply
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("bad reply {reply:?}"))
-}
 
 #[test]
 fn row1_remote_reaches_slice_pod_on_node_ip_tcp_and_udp() {
@@ -39,15 +18,7 @@ fn row1_remote_reaches_slice_pod_on_node_ip_tcp_and_udp() {
     }
     let mut t = Topology::new();
     t.add_pod(Some(A));
-    let pod = &t.pods[0];
-    let _tcp = tcp_server(&pod.ns, ANY, 40010, "pod");
-    let _udp = udp_server(&pod.ns, ANY, 40010, "pod");
-    let r =
-        tcp_request(&t.remote, sa(NODE_IP, 40010), None).expect("TCP remote -> node IP:slice port");
-    assert!(r.starts_with("pod 198.18.0.2:"), "{r}");
-    let r = udp_request(&t.remote, sa(REMOTE_IP, 0), sa(NODE_IP, 40010), 10)
-        .expect("UDP remote -> slice port");
-    assert!(r.starts_with("pod 198.18.0.2:"), "{r}");
+    rows::row1_remote_reaches_slice_pod(&t, &t.pods[0].ns);
 }
 
 #[test]
@@ -57,26 +28,7 @@ fn row7_remote_reaches_host_ports_outside_every_slice() {
     }
     let mut t = Topology::new();
     t.add_pod(Some(A));
-    // A host service outside the pool, and one inside the pool but in no slice.
-    let _h = tcp_server(&t.node, ANY, HOST_PORT, "host");
-    let _p = tcp_server(&t.node, ANY, 45000, "host");
-    let _u = udp_server(&t.node, ANY, HOST_PORT, "host");
-    for port in [HOST_PORT, 45000] {
-        let r = tcp_request(&t.remote, sa(NODE_IP, port), None).expect("remote -> host port");
-        assert!(r.starts_with("host 198.18.0.2:"), "{r}");
-    }
-    let r =
-        udp_request(&t.remote, sa(REMOTE_IP, 0), sa(NODE_IP, HOST_PORT), 10).expect("UDP to host");
-    assert!(r.starts_with("host "), "{r}");
-    // And a slice port the pod does not listen on is the pod's: the host never answers it.
-    let _decoy = tcp_server(&t.node, ANY, 40020, "host");
-    let err =
-        tcp_request(&t.remote, sa(NODE_IP, 40020), None).expect_err("slice port is not the host's");
-    assert!(err.contains("refused"), "{err}");
-}
-
-fn in_range(port: u16, r: (u16, u16)) -> bool {
-    r.0 <= port && port <= r.1
+    rows::row7_remote_reaches_host_ports_outside_every_slice(&t);
 }
 
 #[test]
@@ -86,23 +38,7 @@ fn row2_slice_pod_reaches_remote_from_node_ip_and_its_own_ports() {
     }
     let mut t = Topology::new();
     t.add_pod(Some(A));
-    let _tcp = tcp_server(&t.remote, ANY, 5000, "remote");
-    let _udp = udp_server(&t.remote, ANY, 5000, "remote");
-    for _ in 0..3 {
-        let r = tcp_request(&t.pods[0].ns, sa(REMOTE_IP, 5000), None).expect("TCP pod -> remote");
-        let p = peer(&r);
-        assert_eq!(*p.ip(), NODE_IP, "{r}");
-        assert!(
-            in_range(p.port(), A),
-            "source port {} outside the slice",
-            p.port()
-        );
-        let r = udp_request(&t.pods[0].ns, sa(ANY, 0), sa(REMOTE_IP, 5000), 10)
-            .expect("UDP pod -> remote");
-        let p = peer(&r);
-        assert_eq!(*p.ip(), NODE_IP, "{r}");
-        assert!(in_range(p.port(), A), "{r}");
-    }
+    rows::row2_slice_pod_reaches_remote_from_its_own_ports(&t, &t.pods[0].ns);
 }
 
 #[test]
@@ -113,15 +49,8 @@ fn row4_other_pod_reaches_slice_pod_on_node_ip() {
     let mut t = Topology::new();
     t.add_pod(Some(A));
     t.add_pod(None);
-    let _tcp = tcp_server(&t.pods[0].ns, ANY, 40010, "slice");
-    let _udp = udp_server(&t.pods[0].ns, ANY, 40010, "slice");
     let other = &t.pods[1];
-    let r = tcp_request(&other.ns, sa(NODE_IP, 40010), None)
-        .expect("TCP other pod -> node IP:slice port");
-    assert_eq!(*peer(&r).ip(), other.private_ip, "{r}");
-    let r =
-        udp_request(&other.ns, sa(ANY, 0), sa(NODE_IP, 40010), 10).expect("UDP other pod -> slice");
-    assert_eq!(*peer(&r).ip(), other.private_ip, "{r}");
+    rows::row4_other_pod_reaches_slice_pod(&t.pods[0].ns, &other.ns, other.private_ip);
 }
 
 #[test]
@@ -131,28 +60,7 @@ fn row5_host_process_and_slice_pod_reach_each_other() {
     }
     let mut t = Topology::new();
     t.add_pod(Some(A));
-    let _pod_tcp = tcp_server(&t.pods[0].ns, ANY, 40010, "pod");
-    let _pod_udp = udp_server(&t.pods[0].ns, ANY, 40010, "pod");
-    let _host_tcp = tcp_server(&t.node, ANY, HOST_PORT, "host");
-    let _host_udp = udp_server(&t.node, ANY, HOST_PORT, "host");
-    // host -> pod (through lo ingress)
-    let r = tcp_request(&t.node, sa(NODE_IP, 40010), None).expect("TCP host -> node IP:slice port");
-    assert!(r.starts_with("pod 198.18.0.1:"), "{r}");
-    let r =
-        udp_request(&t.node, sa(NODE_IP, 0), sa(NODE_IP, 40010), 10).expect("UDP host -> slice");
-    assert!(r.starts_with("pod 198.18.0.1:"), "{r}");
-    // pod -> host (through the host-side veth, accept_local)
-    let r = tcp_request(&t.pods[0].ns, sa(NODE_IP, HOST_PORT), None).expect("TCP pod -> host port");
-    assert!(
-        r.starts_with("host 198.18.0.1:") && in_range(peer(&r).port(), A),
-        "{r}"
-    );
-    let r = udp_request(&t.pods[0].ns, sa(ANY, 0), sa(NODE_IP, HOST_PORT), 10)
-        .expect("UDP pod -> host");
-    assert!(
-        r.starts_with("host 198.18.0.1:") && in_range(peer(&r).port(), A),
-        "{r}"
-    );
+    rows::row5_host_process_and_slice_pod_reach_each_other(&t, &t.pods[0].ns);
 }
 
 #[test]
@@ -163,18 +71,7 @@ fn row6_hairpin_between_two_slices_on_node_ip() {
     let mut t = Topology::new();
     t.add_pod(Some(A));
     t.add_pod(Some(B));
-    let _tcp = tcp_server(&t.pods[1].ns, ANY, 40110, "b");
-    let _udp = udp_server(&t.pods[1].ns, ANY, 40110, "b");
-    let r = tcp_request(&t.pods[0].ns, sa(NODE_IP, 40110), None).expect("TCP A -> node IP:B port");
-    assert!(
-        r.starts_with("b 198.18.0.1:") && in_range(peer(&r).port(), A),
-        "{r}"
-    );
-    let r = udp_request(&t.pods[0].ns, sa(ANY, 0), sa(NODE_IP, 40110), 10).expect("UDP A -> B");
-    assert!(
-        r.starts_with("b 198.18.0.1:") && in_range(peer(&r).port(), A),
-        "{r}"
-    );
+    rows::row6_hairpin_between_two_slices(&t.pods[0].ns, &t.pods[1].ns);
 }
 
 #[test]
@@ -184,16 +81,7 @@ fn row8_ping_and_icmp_errors_reach_the_slice_pod() {
     }
     let mut t = Topology::new();
     t.add_pod(Some(A));
-    assert_eq!(
-        ping_with_id(&t.pods[0].ns, REMOTE_IP, 777, 1),
-        Ok(true),
-        "echo reply to the slice pod"
-    );
-    // Port unreachable from the remote is steered by the quoted header's source port.
-    assert_eq!(
-        udp_sees_port_unreachable(&t.pods[0].ns, sa(REMOTE_IP, 5999)),
-        Ok(true)
-    );
+    rows::row8_ping_and_icmp_errors_reach_the_slice_pod(&t.pods[0].ns);
 }
 
 #[test]
@@ -203,49 +91,14 @@ fn row9_hostile_pod_gets_nothing_through_outside_its_range() {
     }
     let mut t = Topology::new();
     t.add_pod(Some(A)); // the victim owns 40000-40099
-    t.add_pod(Some((40200, 40209))); // the hostile pod
+    t.add_pod(Some(HOSTILE)); // the hostile pod
     t.add_pod(None); // a pod without a slice that claims the node address anyway
-    let (_u, udp_hits) = udp_counter(&t.remote, ANY, 6000);
-    let (_t, tcp_hits) = tcp_counter(&t.remote, ANY, 6000);
-    let hostile = &t.pods[1];
-    // Binds and sends from a port of another slice and from an unowned pool port.
-    for port in [40010, 45000, 2222] {
-        udp_send(&hostile.ns, sa(NODE_IP, port), sa(REMOTE_IP, 6000)).expect("send");
-        let err = tcp_request(&hostile.ns, sa(REMOTE_IP, 6000), Some(sa(NODE_IP, port)));
-        assert!(
-            err.is_err(),
-            "TCP from foreign port {port} got through: {err:?}"
-        );
-    }
-    // Spoofing: a pod without a slice sends from the node address.
-    let spoofer = &t.pods[2];
-    spoofer
-        .ns
-        .ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "eth0"]);
-    udp_send(&spoofer.ns, sa(NODE_IP, 40005), sa(REMOTE_IP, 6000)).expect("send");
-    // Receives nothing for ports outside its range, even when it listens on them.
-    let (_l, hostile_hits) = tcp_counter(&hostile.ns, ANY, 40050);
-    let _ = tcp_request(&t.remote, sa(NODE_IP, 40050), None);
-    // Its own range works (so the drops above are the datapath, not a broken pod).
-    let _ok = udp_server(&t.remote, ANY, 6001, "remote");
-    let r = udp_request(&hostile.ns, sa(ANY, 0), sa(REMOTE_IP, 6001), 10).expect("own range works");
-    assert!(in_range(peer(&r).port(), (40200, 40209)), "{r}");
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        udp_hits.load(Ordering::SeqCst),
-        0,
-        "UDP from foreign ports reached the remote"
+    rows::row9_hostile_pod_gets_nothing_through_outside_its_range(
+        &t,
+        &t.pods[1].ns,
+        Some(&t.pods[2].ns),
     );
-    assert_eq!(
-        tcp_hits.load(Ordering::SeqCst),
-        0,
-        "TCP from foreign ports reached the remote"
-    );
-    assert_eq!(
-        hostile_hits.load(Ordering::SeqCst),
-        0,
-        "hostile pod received a foreign port"
-    );
+    // The datapath counted the drops (the hostile pod is 10.244.0.3: slice key test/slice-3).
     let m = t.metrics_get("/metrics").expect("metrics");
     let line = m
         .lines()
@@ -271,23 +124,7 @@ fn row10_host_never_picks_a_pool_port_as_ephemeral() {
         return;
     }
     let t = Topology::new();
-    let reserved = t
-        .node
-        .run("cat", &["/proc/sys/net/ipv4/ip_local_reserved_ports"]);
-    assert_eq!(reserved.trim(), support::POOL);
-    // Squeeze the host's ephemeral range across the pool's edge: only 39990-39999 may be used.
-    t.node.sysctl("net.ipv4.ip_local_port_range", "39990 40010");
-    let ports: Vec<u16> = t.node.enter(|| {
-        let socks: Vec<_> = (0..10)
-            .filter_map(|_| std::net::UdpSocket::bind("0.0.0.0:0").ok())
-            .collect();
-        socks
-            .iter()
-            .map(|s| s.local_addr().unwrap().port())
-            .collect()
-    });
-    assert_eq!(ports.len(), 10);
-    assert!(ports.iter().all(|p| *p < 40000), "{ports:?}");
+    rows::row10_host_never_picks_a_pool_port_as_ephemeral(&t);
 }
 
 #[test]
@@ -297,17 +134,7 @@ fn row11_fragmented_udp_arrives_whole_both_ways() {
     }
     let mut t = Topology::new();
     t.add_pod(Some(A));
-    let _pod = udp_server(&t.pods[0].ns, ANY, 40010, "pod");
-    let _remote = udp_server(&t.remote, ANY, 5000, "remote");
-    let r = udp_request(&t.remote, sa(REMOTE_IP, 0), sa(NODE_IP, 40010), 4000)
-        .expect("4000-byte datagram to the pod");
-    assert!(r.starts_with("pod ") && r.ends_with(" 4000"), "{r}");
-    let r = udp_request(&t.pods[0].ns, sa(ANY, 0), sa(REMOTE_IP, 5000), 4000)
-        .expect("4000-byte datagram from the pod");
-    assert!(
-        r.starts_with("remote 198.18.0.1:") && r.ends_with(" 4000"),
-        "{r}"
-    );
+    rows::row11_fragmented_udp_arrives_whole_both_ways(&t, &t.pods[0].ns);
 }
 
 #[test]
@@ -318,21 +145,10 @@ fn row12_two_slice_pods_ping_the_same_remote_with_the_same_id() {
     let mut t = Topology::new();
     t.add_pod(Some(A));
     t.add_pod(Some(B));
-    t.remote.sysctl("net.ipv4.icmp_echo_ignore_all", "1");
-    // The remote answers only when both requests are in: both are in flight at once.
-    let responder = icmp_responder(&t.remote, 2);
-    let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| ping_with_id(&t.pods[0].ns, REMOTE_IP, 4242, 9));
-        let b = s.spawn(|| ping_with_id(&t.pods[1].ns, REMOTE_IP, 4242, 9));
-        (a.join().unwrap(), b.join().unwrap())
-    });
-    let seen = responder.join().unwrap();
-    assert_eq!((a, b), (Ok(true), Ok(true)), "remote saw {seen:?}");
-    // On the wire each pod's id lies in its own range, so they cannot collide.
-    let ids: Vec<u16> = seen.iter().map(|(_, id)| *id).collect();
-    assert!(
-        ids.iter().any(|i| in_range(*i, A)) && ids.iter().any(|i| in_range(*i, B)),
-        "{ids:?}"
+    rows::row12_two_slice_pods_ping_the_same_remote_with_the_same_id(
+        &t,
+        &t.pods[0].ns,
+        &t.pods[1].ns,
     );
 }
 
@@ -343,32 +159,7 @@ fn slice_traffic_creates_no_conntrack_entries() {
     }
     let mut t = Topology::new();
     // kube-proxy style rules make conntrack track everything the host stack sees.
-    t.node.run(
-        "iptables",
-        &[
-            "-A",
-            "INPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "INVALID",
-            "-j",
-            "DROP",
-        ],
-    );
-    t.node.run(
-        "iptables",
-        &[
-            "-A",
-            "FORWARD",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "INVALID",
-            "-j",
-            "DROP",
-        ],
-    );
+    support::drop_conntrack_invalid(&t.node);
     t.add_pod(Some(A));
     let _pod = tcp_server(&t.pods[0].ns, ANY, 40010, "pod");
     let _podu = udp_server(&t.pods[0].ns, ANY, 40010, "pod");

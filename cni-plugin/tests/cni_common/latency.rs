@@ -51,17 +51,7 @@ pub fn measure(t: &Topology, runs: usize) -> CniLatency {
         let mut pod = CniPod::new("PORTSLICE_RANGE=41000-41099");
         let start = std::time::Instant::now();
         // ptp first (as the chain would), then time portslice alone.
-        let prev = {
-            let conf = rt.list.conf_for(0, None, None);
-            let inv = super::exec_plugin(
-                Some(&t.node.path()),
-                "ptp",
-                &pod.env("ADD"),
-                &conf.to_string(),
-            );
-            assert!(inv.ok(), "ptp ADD: {inv:?}");
-            inv.json()
-        };
+        let prev = rt.add_primary(&mut pod);
         let inv = rt.exec_last(&pod, "ADD", Some(&prev));
         assert!(inv.ok(), "portslice ADD: {inv:?}");
         chain_add.push(start.elapsed());
@@ -71,13 +61,7 @@ pub fn measure(t: &Topology, runs: usize) -> CniLatency {
         let inv = rt.exec_last(&pod, "DEL", pod.result.as_ref());
         assert!(inv.ok(), "portslice DEL: {inv:?}");
         del.push(inv.elapsed);
-        let conf = rt.list.conf_for(0, pod.result.as_ref(), None);
-        let ptp = super::exec_plugin(
-            Some(&t.node.path()),
-            "ptp",
-            &pod.env("DEL"),
-            &conf.to_string(),
-        );
+        let ptp = rt.exec_at(0, &pod, "DEL", pod.result.as_ref());
         assert!(ptp.ok(), "ptp DEL: {ptp:?}");
         chain_del.push(start.elapsed());
     }

@@ -137,41 +137,42 @@ pub struct Conflist {
 impl Conflist {
     /// `ptp` + `host-local` (IPAM state in `ipam_dir`), then `portslice` with `extra` fields.
     pub fn ptp(version: &str, ipam_dir: &Path, portslice: Value) -> Self {
-        let ptp = json!({
-            "type": "ptp",
-            "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{"subnet": POD_SUBNET}]],
-                "routes": [{"dst": "0.0.0.0/0"}],
-                "dataDir": ipam_dir,
-            }
-        });
-        Self {
-            name: format!("psnet{}", unique()),
-            version: version.into(),
-            plugins: vec![ptp, portslice],
-        }
+        Self::primary_then_portslice(
+            version,
+            json!({"type": "ptp", "ipMasq": false}),
+            ipam_dir,
+            portslice,
+        )
     }
 
     /// `bridge` + `host-local`, then `portslice`.
     pub fn bridge(version: &str, ipam_dir: &Path, bridge: &str, portslice: Value) -> Self {
-        let b = json!({
-            "type": "bridge",
-            "bridge": bridge,
-            "isGateway": true,
-            "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{"subnet": POD_SUBNET}]],
-                "routes": [{"dst": "0.0.0.0/0"}],
-                "dataDir": ipam_dir,
-            }
+        Self::primary_then_portslice(
+            version,
+            json!({"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false}),
+            ipam_dir,
+            portslice,
+        )
+    }
+
+    /// `primary` with `host-local` IPAM from [`POD_SUBNET`] (state in `ipam_dir`), then
+    /// `portslice`.
+    fn primary_then_portslice(
+        version: &str,
+        mut primary: Value,
+        ipam_dir: &Path,
+        portslice: Value,
+    ) -> Self {
+        primary["ipam"] = json!({
+            "type": "host-local",
+            "ranges": [[{"subnet": POD_SUBNET}]],
+            "routes": [{"dst": "0.0.0.0/0"}],
+            "dataDir": ipam_dir,
         });
         Self {
             name: format!("psnet{}", unique()),
             version: version.into(),
-            plugins: vec![b, portslice],
+            plugins: vec![primary, portslice],
         }
     }
 
@@ -298,20 +299,29 @@ pub struct Runtime<'a> {
 }
 
 impl Runtime<'_> {
+    /// Plugin `i` of the chain alone, for `pod`, with `prev` as `prevResult`.
+    pub fn exec_at(
+        &self,
+        i: usize,
+        pod: &CniPod,
+        command: &str,
+        prev: Option<&Value>,
+    ) -> Invocation {
+        let conf = self.list.conf_for(i, prev, pod.runtime_config.as_ref());
+        exec_plugin(
+            Some(&self.node.path()),
+            plugin_type(&self.list.plugins[i]),
+            &pod.env(command),
+            &conf.to_string(),
+        )
+    }
+
     /// ADD through the whole chain; on success caches the final result in `pod.result`. On failure
     /// returns the failing invocation (the runtime would then call DEL, as kubelet does).
     pub fn add(&self, pod: &mut CniPod) -> Result<Value, Invocation> {
         let mut prev: Option<Value> = None;
-        for (i, p) in self.list.plugins.iter().enumerate() {
-            let conf = self
-                .list
-                .conf_for(i, prev.as_ref(), pod.runtime_config.as_ref());
-            let inv = exec_plugin(
-                Some(&self.node.path()),
-                plugin_type(p),
-                &pod.env("ADD"),
-                &conf.to_string(),
-            );
+        for i in 0..self.list.plugins.len() {
+            let inv = self.exec_at(i, pod, "ADD", prev.as_ref());
             if !inv.ok() {
                 return Err(inv);
             }
@@ -321,49 +331,39 @@ impl Runtime<'_> {
         Ok(prev.expect("a chain has plugins"))
     }
 
+    /// ADD of the primary plugin alone (the first of the chain, e.g. ptp), which must succeed;
+    /// caches its result in `pod.result` and returns it: the `prevResult` portslice sees.
+    pub fn add_primary(&self, pod: &mut CniPod) -> Value {
+        let inv = self.exec_at(0, pod, "ADD", None);
+        assert!(inv.ok(), "{} ADD: {inv:?}", inv.plugin);
+        pod.result = Some(inv.json());
+        inv.json()
+    }
+
     /// Only the last plugin (portslice), with `prevResult` from the chain before it.
     pub fn exec_last(&self, pod: &CniPod, command: &str, prev: Option<&Value>) -> Invocation {
-        let i = self.list.plugins.len() - 1;
-        let conf = self.list.conf_for(i, prev, pod.runtime_config.as_ref());
-        exec_plugin(
-            Some(&self.node.path()),
-            "portslice",
-            &pod.env(command),
-            &conf.to_string(),
-        )
+        self.exec_at(self.list.plugins.len() - 1, pod, command, prev)
     }
 
     /// CHECK through the chain with the cached result.
     pub fn check(&self, pod: &CniPod) -> Result<(), Invocation> {
-        for (i, p) in self.list.plugins.iter().enumerate() {
-            let conf = self
-                .list
-                .conf_for(i, pod.result.as_ref(), pod.runtime_config.as_ref());
-            let inv = exec_plugin(
-                Some(&self.node.path()),
-                plugin_type(p),
-                &pod.env("CHECK"),
-                &conf.to_string(),
-            );
-            if !inv.ok() {
-                return Err(inv);
-            }
-        }
-        Ok(())
+        self.each(pod, "CHECK", 0..self.list.plugins.len())
     }
 
     /// DEL in reverse order with the cached result (if any).
     pub fn del(&self, pod: &CniPod) -> Result<(), Invocation> {
-        for (i, p) in self.list.plugins.iter().enumerate().rev() {
-            let conf = self
-                .list
-                .conf_for(i, pod.result.as_ref(), pod.runtime_config.as_ref());
-            let inv = exec_plugin(
-                Some(&self.node.path()),
-                plugin_type(p),
-                &pod.env("DEL"),
-                &conf.to_string(),
-            );
+        self.each(pod, "DEL", (0..self.list.plugins.len()).rev())
+    }
+
+    /// `command` with the cached result for the plugins at `order`; stops at the first failure.
+    fn each(
+        &self,
+        pod: &CniPod,
+        command: &str,
+        order: impl Iterator<Item = usize>,
+    ) -> Result<(), Invocation> {
+        for i in order {
+            let inv = self.exec_at(i, pod, command, pod.result.as_ref());
             if !inv.ok() {
                 return Err(inv);
             }

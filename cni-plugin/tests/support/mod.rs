@@ -21,6 +21,7 @@
 //! pod would be routed out again instead of reassembled (matrix row 11).
 #![allow(dead_code)]
 
+pub mod rows;
 pub mod traffic;
 
 use std::{
@@ -495,6 +496,27 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
             return None;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// kube-proxy-style rules in `ns`: drop `ctstate INVALID` in INPUT and FORWARD, so conntrack
+/// tracks everything the host stack sees, as on a node (and a flow of which only one direction
+/// passes conntrack is dropped).
+pub fn drop_conntrack_invalid(ns: &Netns) {
+    for chain in ["INPUT", "FORWARD"] {
+        ns.run(
+            "iptables",
+            &[
+                "-A",
+                chain,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "INVALID",
+                "-j",
+                "DROP",
+            ],
+        );
     }
 }
 
