@@ -67,12 +67,21 @@ pub struct DaemonArgs {
     /// Undo everything a previous run did (conflist entry, binary, pins, links, sysctl) and exit.
     #[arg(long)]
     pub uninstall: bool,
+    /// With `--uninstall`: first wait up to this many seconds until no daemon answers on the
+    /// metrics port of this host (127.0.0.1), since a running daemon re-adds its conflist entry.
+    /// The chart's post-delete Job uses it: the node daemon may still be terminating.
+    #[arg(long, value_name = "SECONDS")]
+    pub await_daemon_exit: Option<u64>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (or, with `--uninstall`, uninstalls and returns).
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let pool = ports::parse_pool(&args.pool)?;
     if args.uninstall {
+        if let Some(secs) = args.await_daemon_exit {
+            let local = SocketAddr::from(([127, 0, 0, 1], args.metrics_addr.port()));
+            await_port_closed(local, Duration::from_secs(secs)).await?;
+        }
         return uninstall(&args, &pool);
     }
     let setup = loader::NodeSetup {
@@ -174,6 +183,28 @@ pub fn reconcile_once(args: &DaemonArgs) -> anyhow::Result<Vec<String>> {
     Ok(stale)
 }
 
+/// Waits until nothing accepts TCP connections on `addr` (the daemon has exited), or fails after
+/// `timeout`.
+pub async fn await_port_closed(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let probe =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+                .await;
+        if !matches!(probe, Ok(Ok(_))) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "a node daemon still answers on {addr} after {}s; uninstall would race with it",
+                timeout.as_secs()
+            );
+        }
+        tracing::info!(%addr, "waiting for the node daemon to exit before uninstalling");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn uninstall(args: &DaemonArgs, pool: &[portslice_crds::PortRange]) -> anyhow::Result<()> {
     let mut errors = Vec::new();
     if !args.no_cni_install
@@ -195,5 +226,26 @@ fn uninstall(args: &DaemonArgs, pool: &[portslice_crds::PortRange]) -> anyhow::R
         Ok(())
     } else {
         anyhow::bail!("uninstall finished with errors: {}", errors.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod await_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn uninstall_waits_while_a_daemon_answers_and_proceeds_once_it_is_gone() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("local addr");
+        let err = await_port_closed(addr, Duration::from_millis(300))
+            .await
+            .expect_err("a listening daemon must hold the uninstall back");
+        assert!(err.to_string().contains("still answers"), "{err}");
+        drop(listener);
+        await_port_closed(addr, Duration::from_secs(5))
+            .await
+            .expect("uninstall proceeds once the daemon's port is closed");
     }
 }
