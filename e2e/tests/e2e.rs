@@ -827,6 +827,9 @@ async fn foreign_ports_blocked(
     let web = range_of(slices, "web")?;
     let remote_addr = SocketAddrV4::new(ctx.s.remote_ip, REMOTE_PORT).to_string();
     let foreign = SocketAddrV4::new(ctx.s.node_ip, web.start + 2).to_string();
+    // Only what the remote logs from now on counts: web's own earlier calls may legitimately
+    // have left from this very port (the kernel picks it from web's range).
+    let logged_before = remote.lines().len();
     for proto in ["tcp", "udp"] {
         let r = pod_exec(
             ctx,
@@ -857,7 +860,7 @@ async fn foreign_ports_blocked(
     .await?;
     let own = probe::parse_answer(&own)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let seen = remote.lines();
+    let seen = remote.lines().split_off(logged_before);
     ensure!(
         seen.iter().any(|l| l.ends_with(&own.peer.to_string())),
         "the remote's log misses {game}'s own call from {}: {seen:?}",
