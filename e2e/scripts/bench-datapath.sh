@@ -28,8 +28,12 @@ cd "$REPO_ROOT"
 # which then runs directly (not through cargo, so another build holding cargo's lock on the
 # shared target dir cannot stall or skew the measurement).
 build() {
-    cargo test -p portslice-cni --release --test datapath_bench --no-run 2>&1 | tee /dev/stderr |
-        sed -n 's/.*Executable .*(\(.*\))$/\1/p' > "$bin_file"
+    # Not `tee /dev/stderr`: when stderr is a file, opening it again truncates the whole log.
+    local out status=0
+    out=$(cargo test -p portslice-cni --release --test datapath_bench --no-run 2>&1) || status=$?
+    printf '%s\n' "$out" >&2
+    [ "$status" -eq 0 ] || return "$status"
+    printf '%s\n' "$out" | sed -n 's/.*Executable .*(\(.*\))$/\1/p' > "$bin_file"
 }
 bin_file=$(mktemp)
 trap 'rm -f "$bin_file"' EXIT
