@@ -54,14 +54,15 @@ pub fn check(env: &CniEnv, conf: &PluginConfig) -> Result<(), CniError> {
             (None, _) => Ok(()),
         };
     };
-    let (Some(dp), Some(attachment)) = (dp, recorded) else {
-        return Err(match PinnedDatapath::open(&conf.pin_root) {
-            Err(_) => not_loaded(&conf.pin_root),
-            Ok(_) => CniError::new(
+    let (dp, attachment) = match (dp, recorded) {
+        (Some(dp), Some(attachment)) => (dp, attachment),
+        (None, _) => return Err(not_loaded(&conf.pin_root)),
+        (Some(_), None) => {
+            return Err(CniError::new(
                 code::CHECK_FAILED,
                 format!("slice {} has no datapath entry for this pod", slice.name),
-            ),
-        });
+            ));
+        }
     };
     let w = wiring_for(env, conf, &pod, &slice);
     let link =
