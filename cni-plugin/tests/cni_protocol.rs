@@ -41,7 +41,8 @@ fn assert_error(inv: &cni_common::Invocation, code: u64, version: &str) {
 
 #[test]
 fn version_reports_every_supported_version_in_the_callers_version() {
-    for v in ["0.4.0", "1.0.0", "1.1.0"] {
+    let all = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+    for v in all {
         let stdin = json!({"cniVersion": v}).to_string();
         let inv = exec_plugin(
             None,
@@ -52,7 +53,7 @@ fn version_reports_every_supported_version_in_the_callers_version() {
         assert!(inv.ok(), "{inv:?}");
         assert_eq!(
             inv.json(),
-            json!({"cniVersion": v, "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]})
+            json!({"cniVersion": v, "supportedVersions": all})
         );
     }
 }
@@ -85,36 +86,118 @@ fn missing_or_bad_environment_is_code_4() {
     assert_error(&exec_plugin(None, "portslice", &e, &stdin), 4, "1.0.0");
 }
 
+/// What a primary plugin hands on at `version` (ptp's shape).
+fn prev_result(version: &str) -> Value {
+    json!({"cniVersion": version,
+           "interfaces": [{"name": "veth0"}, {"name": "eth0", "sandbox": "/run/netns/x"}],
+           "ips": [{"version": "4", "address": "10.22.0.5/24", "gateway": "10.22.0.1", "interface": 1}],
+           "routes": [{"dst": "0.0.0.0/0"}], "dns": {}, "unknownKey": [1, 2]})
+}
+
+/// ADD of a pod, with `args` as CNI_ARGS and the runtime's pod annotations.
+fn add_pod(stdin: &Value, args: &str, annotations: Option<Value>) -> cni_common::Invocation {
+    let mut c = stdin.clone();
+    if let Some(a) = annotations {
+        c["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": a});
+    }
+    let mut e = add_env();
+    e.push(("CNI_ARGS".into(), args.into()));
+    exec_plugin(None, "portslice", &e, &c.to_string())
+}
+
+/// Configurations we cannot act on, each with the code a slice pod gets for it.
+fn unusable_configs() -> Vec<(&'static str, Value, u64)> {
+    let with_prev = |mut c: Value| {
+        let v = c["cniVersion"].as_str().unwrap_or("1.0.0").to_string();
+        c["prevResult"] = prev_result(&v);
+        c
+    };
+    let mut no_node_ip = conf("0.3.1");
+    no_node_ip.as_object_mut().unwrap().remove("nodeIP");
+    let mut bad_cidr = conf("1.0.0");
+    bad_cidr["clusterCIDRs"] = json!(["not-a-cidr"]);
+    let mut bad_slices = conf("0.4.0");
+    bad_slices["slices"] = json!({"x": "9-1"});
+    vec![
+        ("cniVersion 0.2.0", with_prev(conf("0.2.0")), 1),
+        ("cniVersion 2.0.0", with_prev(conf("2.0.0")), 1),
+        ("no nodeIP", with_prev(no_node_ip), 7),
+        ("bad clusterCIDRs", with_prev(bad_cidr), 7),
+        ("bad static slices", with_prev(bad_slices), 7),
+    ]
+}
+
 #[test]
-fn unsupported_version_is_code_1() {
-    for v in ["0.3.1", "0.2.0", "2.0.0"] {
-        let inv = exec_plugin(None, "portslice", &add_env(), &conf(v).to_string());
-        assert_error(&inv, 1, "1.1.0");
+fn a_pod_without_a_slice_gets_prev_result_back_untouched_from_any_config() {
+    for (what, stdin, _) in unusable_configs() {
+        for annotations in [None, Some(json!({"app": "web"}))] {
+            let inv = add_pod(
+                &stdin,
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=a;K8S_POD_NAME=b",
+                annotations.clone(),
+            );
+            assert!(inv.ok(), "{what}, annotations {annotations:?}: {inv:?}");
+            assert_eq!(inv.json(), stdin["prevResult"], "{what}: untouched");
+        }
+    }
+}
+
+#[test]
+fn a_slice_pod_fails_a_config_we_cannot_use_with_its_code() {
+    for (what, stdin, code) in unusable_configs() {
+        let version = stdin["cniVersion"].as_str().unwrap();
+        let answer_in = if ["0.2.0", "2.0.0"].contains(&version) {
+            "1.1.0"
+        } else {
+            version
+        };
+        let annotated = add_pod(&stdin, "", Some(json!({"portslice.io/slice": "media"})));
+        assert_error(&annotated, code, answer_in);
+        assert!(
+            !annotated.stdout.contains("10.22.0.5"),
+            "{what}: no result printed"
+        );
+        assert_error(
+            &add_pod(&stdin, "PORTSLICE_RANGE=41000-41009", None),
+            code,
+            answer_in,
+        );
+        let mut network = stdin.clone();
+        network["slice"] = json!("media");
+        assert_error(&add_pod(&network, "", None), code, answer_in);
+    }
+}
+
+#[test]
+fn check_before_0_4_0_is_code_1() {
+    for v in ["0.3.0", "0.3.1"] {
+        let mut c = conf(v);
+        c["prevResult"] = prev_result(v);
+        let mut e = add_env();
+        e[0].1 = "CHECK".into();
+        assert_error(&exec_plugin(None, "portslice", &e, &c.to_string()), 1, v);
     }
 }
 
 #[test]
 fn invalid_network_config_is_code_7_in_the_callers_version() {
-    let mut c = conf("0.4.0");
-    c.as_object_mut().unwrap().remove("nodeIP");
-    assert_error(
-        &exec_plugin(None, "portslice", &add_env(), &c.to_string()),
-        7,
-        "0.4.0",
-    );
     let mut c = conf("1.0.0");
     c["clusterCIDRs"] = json!(["not-a-cidr"]);
+    let mut e = add_env();
+    e[0].1 = "CHECK".into();
     assert_error(
-        &exec_plugin(None, "portslice", &add_env(), &c.to_string()),
+        &exec_plugin(None, "portslice", &e, &c.to_string()),
         7,
         "1.0.0",
     );
     // A chained plugin's ADD without prevResult.
-    assert_error(
-        &exec_plugin(None, "portslice", &add_env(), &conf("1.0.0").to_string()),
-        7,
-        "1.0.0",
-    );
+    for v in ["0.3.1", "1.0.0"] {
+        assert_error(
+            &exec_plugin(None, "portslice", &add_env(), &conf(v).to_string()),
+            7,
+            v,
+        );
+    }
 }
 
 #[test]
@@ -162,4 +245,11 @@ fn del_of_an_unknown_container_succeeds_without_output() {
         let inv = exec_plugin(None, "portslice", &e, &conf("1.0.0").to_string());
         assert!(inv.ok() && inv.stdout.is_empty(), "{inv:?}");
     }
+    // DEL reads nothing but our own state: it succeeds whatever the config says.
+    for (what, stdin, _) in unusable_configs() {
+        let inv = exec_plugin(None, "portslice", &e, &stdin.to_string());
+        assert!(inv.ok() && inv.stdout.is_empty(), "{what}: {inv:?}");
+    }
+    let inv = exec_plugin(None, "portslice", &e, "not json");
+    assert!(inv.ok() && inv.stdout.is_empty(), "{inv:?}");
 }

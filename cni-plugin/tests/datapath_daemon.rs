@@ -314,3 +314,40 @@ fn daemon_chains_behind_a_single_plugin_conf_and_uninstall_restores_it() {
     assert!(!conf.join("10-bridge.conflist").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// kind's kindnet (like Flannel and Calico) writes a 0.3.1 conflist: the daemon joins it, and
+/// logs and exports what it found.
+#[test]
+fn daemon_joins_a_kindnet_0_3_1_conflist_and_exports_what_it_found() {
+    if !require_root("install-kindnet") {
+        return;
+    }
+    let mut t = Topology::bare();
+    let dir = std::env::temp_dir().join(format!("portslice-kindnet-{}", t.id));
+    let (bin, conf) = (dir.join("bin"), dir.join("net.d"));
+    std::fs::create_dir_all(&conf).unwrap();
+    let kindnet = r#"{"cniVersion":"0.3.1","name":"kindnet","plugins":[{"type":"ptp","ipMasq":false,"ipam":{"type":"host-local","dataDir":"/run/cni-ipam-state","routes":[{"dst":"0.0.0.0/0"}],"ranges":[[{"subnet":"10.244.1.0/24"}]]},"mtu":1500},{"type":"portmap","capabilities":{"portMappings":true}}]}"#;
+    std::fs::write(conf.join("10-kindnet.conflist"), kindnet).unwrap();
+    t.start_daemon_with(&[
+        "--cni-bin-dir",
+        bin.to_str().unwrap(),
+        "--cni-conf-dir",
+        conf.to_str().unwrap(),
+    ]);
+    let list: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(conf.join("10-kindnet.conflist")).unwrap())
+            .unwrap();
+    assert_eq!(
+        list["cniVersion"], "0.3.1",
+        "the primary CNI's version stays"
+    );
+    assert_eq!(list["plugins"][2]["type"], "portslice");
+    let m = t.metrics_get("/metrics").unwrap();
+    assert!(m.contains("portslice_cni_conflist_found 1"), "{m}");
+    assert!(
+        m.contains(r#"portslice_cni_conflist_info{file="10-kindnet.conflist",cni_version="0.3.1",plugins="ptp,portmap,portslice",supported="true"} 1"#),
+        "{m}"
+    );
+    t.daemon.as_mut().unwrap().kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}

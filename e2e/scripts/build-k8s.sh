@@ -39,7 +39,7 @@ if [ ! -f go.mod ]; then
     mv go.mod.new go.mod
     # Pull the rest of the kubernetes go.mod (its pins) by resolving the commands we build.
     printf 'package tools\n\nimport (\n' > tools.go
-    for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl; do
+    for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl kubeadm; do
         printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$b" >> tools.go
     done
     printf ')\n' >> tools.go

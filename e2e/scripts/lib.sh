@@ -8,8 +8,11 @@ PORTSLICE_CACHE=${PORTSLICE_CACHE:-/var/cache/portslice}
 K8S_VERSION=${K8S_VERSION:-1.34.4}
 HELM_VERSION=${HELM_VERSION:-3.19.0}
 CNI_VERSION=${CNI_VERSION:-1.3.0}
+# Debian's containernetworking-plugins (1.1.1) speak CNI up to 1.0.0; this release speaks 1.1.0.
+CNI_PLUGINS_VERSION=${CNI_PLUGINS_VERSION:-1.7.1}
 K8S_BIN="$PORTSLICE_CACHE/k8s-v$K8S_VERSION/bin"
 TOOLS_BIN="$PORTSLICE_CACHE/bin"
+CNI_PLUGINS_DIR="$PORTSLICE_CACHE/cni-plugins-v$CNI_PLUGINS_VERSION"
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
 export GOFLAGS=${GOFLAGS:--mod=mod}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every privileged test of cni-plugin (issue 4), in network namespaces the tests create:
 #   cni_protocol  the CNI protocol at the process boundary (error codes, versions, VERSION/GC/STATUS)
-#   cni_chain     the plugin chained behind Debian's ptp/bridge + host-local, and through cnitool
+#   cni_chain     the plugin chained behind ptp/bridge + host-local at every CNI version (Debian's
+#                 plugins up to 1.0.0, a newer release for 1.1.0), through cnitool and podman
 #   cni_kube      slices read from a real kube-apiserver + etcd (started here, on loopback)
 #   matrix        every row of DESIGN.md's connectivity matrix with pods made by the CNI chain
 #   datapath_*    the eBPF datapath, its loader and the node daemon with plain veths
@@ -14,10 +15,10 @@ cd "$REPO_ROOT"
 [ "$(id -u)" -eq 0 ] || die "the datapath and CNI tests need root (network namespaces, eBPF)"
 
 stage "install tools" apt_install clang llvm libbpf-dev bpftool iproute2 containernetworking-plugins \
-    iperf3 socat conntrack nftables iptables util-linux
+    iperf3 socat conntrack nftables iptables util-linux podman busybox-static
 stage "bpffs" ensure_bpffs
-stage "cnitool" bash e2e/scripts/build-tools.sh cnitool
-export TOOLS_BIN
+stage "cnitool and CNI 1.1.0 plugins" bash e2e/scripts/build-tools.sh cnitool cni-plugins
+export TOOLS_BIN CNI_PLUGINS_DIR
 [ -x /usr/lib/cni/ptp ] || die "Debian's reference CNI plugins are missing from /usr/lib/cni"
 
 stage "build" cargo test -p portslice-cni --no-run

@@ -33,6 +33,7 @@ pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations"
 ///   "kubeconfig": "/etc/cni/net.d/portslice-kubeconfig",
 ///   "apiTimeoutMs": 5000,
 ///   "slices": { "media": "40000-40999", "team-a/sip": "5060-5061" },
+///   "slice": "media",
 ///   "capabilities": { "io.kubernetes.cri.pod-annotations": true } }
 /// ```
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +60,7 @@ struct RawConfig {
     api_timeout_ms: Option<u64>,
     #[serde(default)]
     slices: BTreeMap<String, String>,
+    slice: Option<String>,
 }
 
 /// One attachment in GC's valid list.
@@ -96,6 +98,10 @@ pub struct PluginConfig {
     /// `slices`: static slices for runtimes without Kubernetes, `name` or `namespace/name` to a
     /// range (`"40000-40999"`). A pod picks one with CNI_ARGS `PORTSLICE_SLICE=name`.
     pub slices: BTreeMap<String, PortRange>,
+    /// `slice`: a key of `slices` that every container on this network joins, for runtimes that
+    /// cannot say per container which slice it wants (podman passes nothing but the container
+    /// name). CNI_ARGS still win.
+    pub network_slice: Option<String>,
     /// `prevResult` (required for ADD and CHECK of a chained plugin).
     pub prev_result: Option<CniResult>,
     /// Pod annotations from `runtimeConfig["io.kubernetes.cri.pod-annotations"]`; `None` when
@@ -111,7 +117,16 @@ pub fn peek_version(stdin: &str) -> Option<String> {
     v.get("cniVersion")?.as_str().map(str::to_string)
 }
 
-impl PluginConfig {
+/// The configuration as JSON, before any of it is validated. ADD and DEL read from it what they
+/// need to leave a pod that is not in a slice alone even when the rest cannot be used (a
+/// cniVersion we do not speak, a bad field of ours): a chained plugin must not break pods it has
+/// no business with.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    value: Value,
+}
+
+impl Envelope {
     pub fn parse(stdin: &str) -> Result<Self, CniError> {
         let value: Value = serde_json::from_str(stdin).map_err(|e| {
             CniError::new(
@@ -120,8 +135,54 @@ impl PluginConfig {
             )
             .with_details(e.to_string())
         })?;
-        let raw: RawConfig =
-            serde_json::from_value(value).map_err(|e| invalid("a field has the wrong type", e))?;
+        Ok(Self { value })
+    }
+
+    /// `prevResult` exactly as the previous plugin (through libcni) gave it.
+    pub fn prev_result(&self) -> Option<&Value> {
+        self.value.get("prevResult").filter(|v| !v.is_null())
+    }
+
+    /// The pod annotations the runtime passed, if it passed any that read as a string map.
+    pub fn pod_annotations(&self) -> Option<BTreeMap<String, String>> {
+        let v = self
+            .value
+            .get("runtimeConfig")?
+            .get(POD_ANNOTATIONS_CAPABILITY)?;
+        serde_json::from_value(v.clone()).ok()
+    }
+
+    /// Whether the network itself puts every container into a slice (`slice`).
+    pub fn has_network_slice(&self) -> bool {
+        self.value.get("slice").is_some_and(|v| !v.is_null())
+    }
+
+    /// `pinRoot`, or the default when it is missing or unreadable.
+    pub fn pin_root(&self) -> PathBuf {
+        self.value
+            .get("pinRoot")
+            .and_then(Value::as_str)
+            .map_or_else(Self::default_pin_root, PathBuf::from)
+    }
+
+    pub fn default_pin_root() -> PathBuf {
+        PathBuf::from(DEFAULT_PIN_ROOT)
+    }
+
+    /// `nodeIP`, when it is an IPv4 address.
+    pub fn node_ip(&self) -> Option<Ipv4Addr> {
+        self.value.get("nodeIP")?.as_str()?.parse().ok()
+    }
+}
+
+impl PluginConfig {
+    pub fn parse(stdin: &str) -> Result<Self, CniError> {
+        Self::from_envelope(&Envelope::parse(stdin)?)
+    }
+
+    pub fn from_envelope(envelope: &Envelope) -> Result<Self, CniError> {
+        let raw: RawConfig = serde_json::from_value(envelope.value.clone())
+            .map_err(|e| invalid("a field has the wrong type", e))?;
         let version = match raw.cni_version.as_deref() {
             Some(v) => Version::parse(v)?,
             None => return Err(invalid_msg("cniVersion is missing")),
@@ -168,6 +229,13 @@ impl PluginConfig {
                 Ok((name.clone(), r))
             })
             .collect::<Result<BTreeMap<_, _>, CniError>>()?;
+        if let Some(key) = raw.slice.as_deref()
+            && !slices.contains_key(key)
+        {
+            return Err(invalid_msg(&format!(
+                "slice {key:?} is not a key of slices: name one of the static slices"
+            )));
+        }
         let api_timeout = match raw.api_timeout_ms {
             Some(0) => return Err(invalid_msg("apiTimeoutMs must be above 0")),
             Some(ms) => Duration::from_millis(ms),
@@ -194,6 +262,7 @@ impl PluginConfig {
             kubeconfig: raw.kubeconfig,
             api_timeout,
             slices,
+            network_slice: raw.slice,
             prev_result,
             pod_annotations,
             valid_attachments: raw.valid_attachments.or(raw.attachments),
@@ -238,6 +307,7 @@ mod tests {
         v["pinRoot"] = json!("/sys/fs/bpf/x");
         v["apiTimeoutMs"] = json!(250);
         v["slices"] = json!({"media": "40000-40999"});
+        v["slice"] = json!("media");
         v["runtimeConfig"] = json!({POD_ANNOTATIONS_CAPABILITY: {"portslice.io/slice": "media"}});
         v["cni.dev/attachments"] = json!([{"containerID": "a", "ifname": "eth0"}]);
         let c = parse(v).unwrap();
@@ -250,6 +320,7 @@ mod tests {
                 end: 40999
             }
         );
+        assert_eq!(c.network_slice.as_deref(), Some("media"));
         assert_eq!(c.pod_annotations.unwrap()["portslice.io/slice"], "media");
         assert_eq!(c.valid_attachments.unwrap()[0].container_id, "a");
     }
@@ -269,6 +340,8 @@ mod tests {
     fn unsupported_or_missing_version() {
         let mut v = base();
         v["cniVersion"] = json!("0.3.1");
+        assert_eq!(parse(v.clone()).unwrap().version, Version::V031);
+        v["cniVersion"] = json!("0.2.0");
         assert_eq!(parse(v).unwrap_err().code, code::INCOMPATIBLE_VERSION);
         let mut v = base();
         v.as_object_mut().unwrap().remove("cniVersion");
@@ -287,6 +360,7 @@ mod tests {
             ("prevResult", json!({"ips": "nope"})),
             ("runtimeConfig", json!({POD_ANNOTATIONS_CAPABILITY: ["x"]})),
             ("type", json!("")),
+            ("slice", json!("not-in-slices")),
         ];
         for (field, value) in cases {
             let mut v = base();
@@ -300,6 +374,30 @@ mod tests {
         let mut v = base();
         v.as_object_mut().unwrap().remove("nodeIP");
         assert!(parse(v).unwrap_err().msg.contains("nodeIP"));
+    }
+
+    #[test]
+    fn the_envelope_reads_what_pass_through_needs_from_any_config() {
+        let stdin = json!({
+            "cniVersion": "9.9.9", "nodeIP": 7, "pinRoot": "/sys/fs/bpf/x",
+            "prevResult": {"cniVersion": "9.9.9", "ips": []},
+            "runtimeConfig": {POD_ANNOTATIONS_CAPABILITY: {"a": "b"}}
+        })
+        .to_string();
+        assert!(PluginConfig::parse(&stdin).is_err());
+        let e = Envelope::parse(&stdin).unwrap();
+        assert_eq!(e.prev_result().unwrap()["cniVersion"], "9.9.9");
+        assert_eq!(e.pod_annotations().unwrap()["a"], "b");
+        assert_eq!(e.pin_root(), PathBuf::from("/sys/fs/bpf/x"));
+        assert_eq!(e.node_ip(), None);
+        assert!(!e.has_network_slice());
+        let bare = Envelope::parse("{}").unwrap();
+        assert!(bare.prev_result().is_none() && bare.pod_annotations().is_none());
+        assert_eq!(bare.pin_root(), PathBuf::from(DEFAULT_PIN_ROOT));
+        assert_eq!(
+            Envelope::parse("nope").unwrap_err().code,
+            code::DECODE_FAILURE
+        );
     }
 
     #[test]

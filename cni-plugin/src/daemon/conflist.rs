@@ -76,6 +76,48 @@ pub fn remove_plugin(list: &mut Map<String, Value>, plugin_type: &str) -> bool {
     before != ps.len()
 }
 
+/// What the daemon found in the conflist it joins: logged when it changes and exported as
+/// `portslice_cni_conflist_info`, so "which CNI does this node run, at which version, and are we
+/// in its chain" is one query away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainReport {
+    /// File name in the CNI conf dir.
+    pub file: String,
+    /// The conflist's `cniVersion` (empty when it has none).
+    pub cni_version: String,
+    /// Plugin types in chain order.
+    pub plugins: Vec<String>,
+    /// Whether we speak that version; when not, plain pods pass through and slice pods fail.
+    pub version_supported: bool,
+}
+
+/// Reads the facts of [`ChainReport`] from a parsed conflist.
+pub fn inspect(file: &str, list: &Map<String, Value>) -> ChainReport {
+    let cni_version = list
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let plugins = list
+        .get("plugins")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            p.get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string()
+        })
+        .collect();
+    ChainReport {
+        file: file.to_string(),
+        version_supported: crate::cni::version::Version::parse(&cni_version).is_ok(),
+        cni_version,
+        plugins,
+    }
+}
+
 /// Serializes like the files runtimes write (pretty, trailing newline).
 pub fn render(list: &Map<String, Value>) -> String {
     let mut s = serde_json::to_string_pretty(list).unwrap_or_default();
@@ -143,6 +185,26 @@ mod tests {
         assert_eq!(l["plugins"][0]["type"], "bridge");
         assert_eq!(l["plugins"][0]["bridge"], "cni0");
         assert!(l["plugins"][0].get("name").is_none());
+    }
+
+    #[test]
+    fn inspect_reports_version_chain_and_support() {
+        let kindnet = r#"{"cniVersion":"0.3.1","name":"kindnet","plugins":[{"type":"ptp"},{"type":"portmap"}]}"#;
+        let mut l = parse(kindnet).unwrap();
+        add_plugin(&mut l, &ours());
+        let r = inspect("10-kindnet.conflist", &l);
+        assert_eq!(r.cni_version, "0.3.1");
+        assert_eq!(r.plugins, ["ptp", "portmap", "portslice"]);
+        assert!(r.version_supported);
+        let future = parse(r#"{"cniVersion":"2.0.0","plugins":[{"type":"x"}]}"#).unwrap();
+        assert!(!inspect("f", &future).version_supported);
+        let bare = parse(r#"{"plugins":[{}]}"#).unwrap();
+        let r = inspect("f", &bare);
+        assert_eq!(
+            (r.cni_version.as_str(), r.plugins.as_slice()),
+            ("", &["?".to_string()][..])
+        );
+        assert!(!r.version_supported);
     }
 
     #[test]

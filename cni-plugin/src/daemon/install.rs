@@ -114,9 +114,9 @@ fn conflist_path(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
 }
 
 /// Copies this binary into the CNI bin dir and appends us to the node's conflist. Idempotent.
-/// When the primary CNI has not written its config yet, warns and returns Ok: the reconcile
-/// loop calls this again.
-pub fn install_cni(args: &DaemonArgs) -> anyhow::Result<()> {
+/// When the primary CNI has not written its config yet, warns and returns Ok(None): the
+/// reconcile loop calls this again.
+pub fn install_cni(args: &DaemonArgs) -> anyhow::Result<Option<conflist::ChainReport>> {
     let exe = std::env::current_exe().context("finding our own binary")?;
     let target = args.cni_bin_dir.join(PLUGIN_TYPE);
     let ours = std::fs::read(&exe).context("reading our binary")?;
@@ -127,12 +127,13 @@ pub fn install_cni(args: &DaemonArgs) -> anyhow::Result<()> {
     ensure_conflist_entry(args)
 }
 
-/// Appends us to the node's conflist if we are not (or no longer) there. Cheap enough for every
-/// reconcile: the primary CNI may write or rewrite its config after we started.
-pub fn ensure_conflist_entry(args: &DaemonArgs) -> anyhow::Result<()> {
+/// Appends us to the node's conflist if we are not (or no longer) there, and reports what the
+/// conflist holds. Cheap enough for every reconcile: the primary CNI may write or rewrite its
+/// config after we started.
+pub fn ensure_conflist_entry(args: &DaemonArgs) -> anyhow::Result<Option<conflist::ChainReport>> {
     let Some(path) = conflist_path(&args.cni_conf_dir)? else {
         tracing::warn!(dir = %args.cni_conf_dir.display(), "no CNI config yet (primary CNI not installed?): will retry");
-        return Ok(());
+        return Ok(None);
     };
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -155,7 +156,9 @@ pub fn ensure_conflist_entry(args: &DaemonArgs) -> anyhow::Result<()> {
         }
         tracing::info!(path = %out.display(), "added portslice to the CNI chain");
     }
-    Ok(())
+    let file = path.with_extension("conflist");
+    let name = file.file_name().unwrap_or_default().to_string_lossy();
+    Ok(Some(conflist::inspect(&name, &list)))
 }
 
 /// Undoes [`install_cni`]. Missing pieces are fine.

@@ -8,6 +8,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use super::chain_state::ChainState;
+use super::conflist::ChainReport;
 use crate::datapath::{PinnedDatapath, abi, loader};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -24,6 +26,21 @@ struct DropLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
     event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConflistLabels {
+    file: String,
+    cni_version: String,
+    plugins: String,
+    supported: String,
+}
+
+/// What `/metrics` and `/healthz` read: the pinned datapath and the conflist last found.
+#[derive(Clone)]
+pub struct MetricsState {
+    pub pin_root: PathBuf,
+    pub chain: ChainState,
 }
 
 /// Per-slice sums of the per-pod counters (a slice has at most one pod per node, but pods of a
@@ -48,8 +65,8 @@ pub fn per_slice(
     out
 }
 
-/// Renders the exposition text from the pinned maps.
-pub fn render(pin_root: &std::path::Path) -> Result<String, String> {
+/// Renders the exposition text from the pinned maps and the conflist report.
+pub fn render(pin_root: &std::path::Path, chain: Option<&ChainReport>) -> Result<String, String> {
     let dp = PinnedDatapath::open(pin_root).map_err(|e| e.to_string())?;
     let pods = dp.list_pods().map_err(|e| e.to_string())?;
     let stats = dp.pod_stats().map_err(|e| e.to_string())?;
@@ -123,34 +140,61 @@ pub fn render(pin_root: &std::path::Path) -> Result<String, String> {
             .inc_by(v);
     }
     attached.set(pods.len() as i64);
+    register_chain(&mut reg, chain);
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| e.to_string())?;
     Ok(out)
 }
 
-pub fn router(pin_root: PathBuf) -> Router {
+/// `portslice_cni_conflist_found` and, when found, `portslice_cni_conflist_info`.
+fn register_chain(reg: &mut Registry, chain: Option<&ChainReport>) {
+    let found = Gauge::<i64>::default();
+    reg.register(
+        "cni_conflist_found",
+        "Whether the node has a CNI conflist for portslice to join",
+        found.clone(),
+    );
+    found.set(i64::from(chain.is_some()));
+    let Some(r) = chain else { return };
+    let info = Family::<ConflistLabels, Gauge<i64>>::default();
+    reg.register(
+        "cni_conflist_info",
+        "The conflist portslice joined: file, cniVersion, plugin chain, whether we speak that version",
+        info.clone(),
+    );
+    info.get_or_create(&ConflistLabels {
+        file: r.file.clone(),
+        cni_version: r.cni_version.clone(),
+        plugins: r.plugins.join(","),
+        supported: r.version_supported.to_string(),
+    })
+    .set(1);
+}
+
+pub fn router(pin_root: PathBuf, chain: ChainState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(pin_root)
+        .with_state(MetricsState { pin_root, chain })
 }
 
 async fn metrics(
-    State(root): State<PathBuf>,
+    State(state): State<MetricsState>,
 ) -> (StatusCode, [(&'static str, &'static str); 1], String) {
     let ct = [(
         "content-type",
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
     )];
-    match tokio::task::spawn_blocking(move || render(&root)).await {
+    let report = state.chain.get();
+    match tokio::task::spawn_blocking(move || render(&state.pin_root, report.as_ref())).await {
         Ok(Ok(text)) => (StatusCode::OK, ct, text),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, ct, e),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, ct, e.to_string()),
     }
 }
 
-async fn healthz(State(root): State<PathBuf>) -> (StatusCode, String) {
-    match loader::healthy(&root, true) {
+async fn healthz(State(state): State<MetricsState>) -> (StatusCode, String) {
+    match loader::healthy(&state.pin_root, true) {
         Ok(()) => (StatusCode::OK, "ok\n".into()),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }

@@ -10,6 +10,7 @@
 //!
 //! Pure parts live in [`conflist`], [`ports`], [`reconcile`] and [`kubeconfig`]; this file and
 //! [`install`] are the thin I/O around them.
+pub mod chain_state;
 pub mod conflist;
 pub mod install;
 pub mod kubeconfig;
@@ -99,8 +100,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             "a host process listens on a pool port: a slice owning it will take its traffic from the node address"
         );
     }
+    let chain = chain_state::ChainState::default();
     if !args.no_cni_install {
-        install::install_cni(&args).context("installing the CNI plugin")?;
+        chain.record(install::install_cni(&args).context("installing the CNI plugin")?);
     }
     if let Some(out) = &args.kubeconfig_out {
         match kubeconfig::in_cluster() {
@@ -116,9 +118,12 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the metrics server to {}", args.metrics_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
-    let server = axum::serve(listener, metrics::router(args.pin_root.clone()));
+    let server = axum::serve(
+        listener,
+        metrics::router(args.pin_root.clone(), chain.clone()),
+    );
 
-    let reconciler = reconcile_loop(args.clone());
+    let reconciler = reconcile_loop(args.clone(), chain);
     tokio::select! {
         r = server => r.context("metrics server")?,
         r = reconciler => r?,
@@ -138,16 +143,16 @@ async fn shutdown_signal() {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
 }
 
-async fn reconcile_loop(args: DaemonArgs) -> anyhow::Result<()> {
+async fn reconcile_loop(args: DaemonArgs, chain: chain_state::ChainState) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(args.reconcile_interval.max(1)));
     loop {
         tick.tick().await;
-        let a = args.clone();
+        let (a, chain) = (args.clone(), chain.clone());
         // Map syscalls and file I/O are blocking: keep them off the async workers. The primary
         // CNI may write (or rewrite) its config after we started: keep our entry in it.
         let r = tokio::task::spawn_blocking(move || {
             if !a.no_cni_install {
-                install::ensure_conflist_entry(&a)?;
+                chain.record(install::ensure_conflist_entry(&a)?);
             }
             reconcile_once(&a)
         })

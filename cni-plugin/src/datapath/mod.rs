@@ -400,6 +400,15 @@ impl PinnedDatapath {
         Ok(())
     }
 
+    /// The attachment stored for `container_id`, if any.
+    pub fn find_pod(&self, container_id: &str) -> Option<PodAttachment> {
+        let key = abi::MetaKey {
+            container_id: abi::fixed(container_id)?,
+        };
+        let meta = self.pod_meta.get(&key, 0).ok()?;
+        Some(table::attachment_of(container_id, &meta))
+    }
+
     /// Every attachment stored in the pinned maps (for CNI GC and daemon reconcile).
     pub fn list_pods(&self) -> Result<Vec<PodAttachment>, DatapathError> {
         let mut out = Vec::new();

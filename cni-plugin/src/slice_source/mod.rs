@@ -1,10 +1,17 @@
 //! Where a pod's slice comes from.
 //!
-//! In order: a range given directly (`PORTSLICE_RANGE` in CNI_ARGS, for runtimes without
-//! Kubernetes), a static slice named in CNI_ARGS (`PORTSLICE_SLICE`) or by the pod annotation and
-//! listed in the config's `slices`, the PortSlice's status read from the API server. The
-//! annotation comes from the `io.kubernetes.cri.pod-annotations` capability when the runtime
-//! passes it (no API call), else from the Pod read from the API server.
+//! In order:
+//! 1. a range given directly (`PORTSLICE_RANGE` in CNI_ARGS, for runtimes without Kubernetes);
+//! 2. a slice named in CNI_ARGS (`PORTSLICE_SLICE`);
+//! 3. for a container without a Kubernetes namespace (podman passes only
+//!    `K8S_POD_NAME=<container name>`), the static slice keyed by its name;
+//! 4. the network's own slice (`slice` in the config: every other container on it joins it);
+//! 5. the pod annotation, from the `io.kubernetes.cri.pod-annotations` capability when the runtime
+//!    passes it (no API call), else from the Pod read from the API server.
+//!
+//! A name resolves to a static slice of the config's `slices` or to a PortSlice read from the
+//! API server. Static keys follow the pod's namespace: `ns/name` matches only pods of `ns`, and a
+//! bare `name` only containers without a namespace, so no namespace can borrow another's slice.
 //!
 //! [`plan`] is pure: it decides what, if anything, must be asked of the API server;
 //! [`kube_lookup`] does the asking.
@@ -80,11 +87,27 @@ pub struct PlanInput<'a> {
     pub pod: &'a PodIdentity,
     pub annotations: Option<&'a BTreeMap<String, String>>,
     pub static_slices: &'a BTreeMap<String, PortRange>,
+    /// The network's own slice (a key of `static_slices`).
+    pub network_slice: Option<&'a str>,
     pub has_kubeconfig: bool,
 }
 
 fn both() -> Vec<Protocol> {
     vec![Protocol::TCP, Protocol::UDP]
+}
+
+/// Whether a pod visibly asks for a slice, as far as can be told without a usable config: a
+/// slice or range in CNI_ARGS, the network's own slice, or the annotation the runtime passed.
+/// ADD fails such a pod when the config cannot be used, and passes every other pod through.
+pub fn asks_for_slice(
+    args: &BTreeMap<String, String>,
+    annotations: Option<&BTreeMap<String, String>>,
+    network_slice: bool,
+) -> bool {
+    args.contains_key(ARG_RANGE)
+        || args.contains_key(ARG_SLICE)
+        || network_slice
+        || annotations.is_some_and(|a| a.contains_key(SLICE_ANNOTATION))
 }
 
 /// Decides where the slice comes from. Pure.
@@ -108,29 +131,53 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Lookup, CniError> {
             protocols: both(),
         }));
     }
-    let slice_name = match (input.args.get(ARG_SLICE), input.annotations) {
-        (Some(name), _) => Some(name.clone()),
-        (None, Some(annotations)) => annotations.get(SLICE_ANNOTATION).cloned(),
-        (None, None) => {
-            // The runtime did not say: only the Pod object knows.
-            return Ok(
-                match (&input.pod.namespace, &input.pod.name, input.has_kubeconfig) {
-                    (Some(ns), Some(name), true) => Lookup::ReadPod {
-                        namespace: ns.clone(),
-                        name: name.clone(),
-                    },
-                    _ => Lookup::NotASlicePod,
-                },
-            );
-        }
-    };
-    match slice_name {
-        None => Ok(Lookup::NotASlicePod),
-        Some(name) => resolve_name(input, name.trim()),
+    if let Some(name) = input.args.get(ARG_SLICE) {
+        return resolve_name(input, name.trim());
+    }
+    if let (None, Some(name)) = (&input.pod.namespace, &input.pod.name)
+        && let Some(found) = static_slice(input, name)
+    {
+        return Ok(found);
+    }
+    if let Some(key) = input.network_slice {
+        return static_slice(input, key).ok_or_else(|| {
+            CniError::new(
+                code::INVALID_NETWORK_CONFIG,
+                format!("the network's slice {key:?} is not in its slices"),
+            )
+        });
+    }
+    match (input.annotations, &input.pod.namespace) {
+        (Some(annotations), _) => match annotations.get(SLICE_ANNOTATION) {
+            Some(name) => resolve_name(input, name.trim()),
+            None => Ok(Lookup::NotASlicePod),
+        },
+        // The runtime did not say: only the Pod object knows.
+        (None, Some(namespace)) => Ok(match (&input.pod.name, input.has_kubeconfig) {
+            (Some(name), true) => Lookup::ReadPod {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            },
+            _ => Lookup::NotASlicePod,
+        }),
+        // No Kubernetes, and the container's name is no static slice's key.
+        (None, None) => Ok(Lookup::NotASlicePod),
     }
 }
 
-/// A slice name (from the annotation or CNI_ARGS) to a static slice or an API lookup.
+/// The static slice stored under exactly `key`.
+fn static_slice(input: &PlanInput<'_>, key: &str) -> Option<Lookup> {
+    input.static_slices.get(key).map(|range| {
+        Lookup::Known(Slice {
+            name: key.to_string(),
+            range: *range,
+            protocols: both(),
+        })
+    })
+}
+
+/// A slice name (from the annotation or CNI_ARGS) to a static slice or an API lookup. A pod
+/// with a namespace sees only the static slices keyed `namespace/name`.
 pub fn resolve_name(input: &PlanInput<'_>, name: &str) -> Result<Lookup, CniError> {
     if name.is_empty() {
         return Err(CniError::new(
@@ -138,19 +185,12 @@ pub fn resolve_name(input: &PlanInput<'_>, name: &str) -> Result<Lookup, CniErro
             format!("pod {} names an empty slice", input.pod.display()),
         ));
     }
-    let namespaced = input
-        .pod
-        .namespace
-        .as_ref()
-        .map(|ns| format!("{ns}/{name}"));
-    for key in namespaced.iter().map(String::as_str).chain([name]) {
-        if let Some(range) = input.static_slices.get(key) {
-            return Ok(Lookup::Known(Slice {
-                name: key.to_string(),
-                range: *range,
-                protocols: both(),
-            }));
-        }
+    let key = match &input.pod.namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    };
+    if let Some(found) = static_slice(input, &key) {
+        return Ok(found);
     }
     match (&input.pod.namespace, input.has_kubeconfig) {
         (Some(ns), true) => Ok(Lookup::ReadSlice {
@@ -160,12 +200,12 @@ pub fn resolve_name(input: &PlanInput<'_>, name: &str) -> Result<Lookup, CniErro
         _ => Err(CniError::new(
             code::SLICE_NOT_FOUND,
             format!(
-                "slice {name:?} of pod {} is not in the config's static slices",
+                "slice {key:?} of pod {} is not in the config's static slices",
                 input.pod.display()
             ),
         )
         .with_details(
-            "without a kubeconfig and K8S_POD_NAMESPACE, only static slices can be used",
+            "static slices are keyed namespace/name for Kubernetes pods and name for containers without a namespace; without a kubeconfig only static slices can be used",
         )),
     }
 }
@@ -205,6 +245,7 @@ mod tests {
         pod: PodIdentity,
         annotations: Option<BTreeMap<String, String>>,
         statics: BTreeMap<String, PortRange>,
+        network: Option<String>,
         kube: bool,
     }
 
@@ -219,6 +260,7 @@ mod tests {
                 args,
                 annotations: None,
                 statics: BTreeMap::new(),
+                network: None,
                 kube: true,
             }
         }
@@ -236,6 +278,7 @@ mod tests {
                 pod: &self.pod,
                 annotations: self.annotations.as_ref(),
                 static_slices: &self.statics,
+                network_slice: self.network.as_deref(),
                 has_kubeconfig: self.kube,
             })
         }
@@ -283,27 +326,97 @@ mod tests {
         assert_eq!(no_kube.plan().unwrap(), Lookup::NotASlicePod);
     }
 
-    #[test]
-    fn static_slices_win_namespaced_first() {
-        let mut c = Case::k8s().annotated(Some("media"));
-        c.statics.insert(
-            "media".into(),
-            PortRange {
-                start: 1000,
-                end: 1999,
-            },
-        );
-        c.statics.insert(
-            "team/media".into(),
-            PortRange {
-                start: 2000,
-                end: 2999,
-            },
-        );
-        match c.plan().unwrap() {
-            Lookup::Known(s) => assert_eq!((s.name.as_str(), s.range.start), ("team/media", 2000)),
-            other => panic!("{other:?}"),
+    fn range(start: u16, end: u16) -> PortRange {
+        PortRange { start, end }
+    }
+
+    fn known(lookup: Result<Lookup, CniError>) -> (String, u16) {
+        match lookup {
+            Ok(Lookup::Known(s)) => (s.name, s.range.start),
+            other => panic!("expected a static slice, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn static_slices_are_keyed_by_the_pods_namespace_only() {
+        let mut c = Case::k8s().annotated(Some("media"));
+        c.statics.insert("media".into(), range(1000, 1999));
+        c.statics.insert("team/media".into(), range(2000, 2999));
+        c.statics.insert("other/sip".into(), range(3000, 3009));
+        assert_eq!(known(c.plan()), ("team/media".into(), 2000));
+        // A bare key is for containers without a namespace: a pod never falls back to it.
+        c.statics.remove("team/media");
+        assert_eq!(
+            c.plan().unwrap(),
+            Lookup::ReadSlice {
+                namespace: "team".into(),
+                name: "media".into()
+            }
+        );
+        c.kube = false;
+        assert_eq!(c.plan().unwrap_err().code, code::SLICE_NOT_FOUND);
+        // Another namespace's key is unreachable, whatever the pod writes.
+        for name in ["sip", "other/sip", "../other/sip"] {
+            let mut c = Case::k8s().annotated(Some(name));
+            c.kube = false;
+            c.statics.insert("other/sip".into(), range(3000, 3009));
+            assert_eq!(c.plan().unwrap_err().code, code::SLICE_NOT_FOUND, "{name}");
+        }
+    }
+
+    /// What podman's CNI backend passes: `IgnoreUnknown=1;K8S_POD_NAME=<container name>`.
+    fn podman(container: &str) -> Case {
+        let args: BTreeMap<_, _> = [("IgnoreUnknown", "1"), ("K8S_POD_NAME", container)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Case {
+            pod: PodIdentity::from_args(&args),
+            args,
+            annotations: None,
+            statics: BTreeMap::from([("sip".to_string(), range(5060, 5069))]),
+            network: None,
+            kube: false,
+        }
+    }
+
+    #[test]
+    fn a_pod_asks_for_a_slice_only_through_args_the_network_or_its_annotation() {
+        let none = BTreeMap::new();
+        assert!(!asks_for_slice(&none, None, false));
+        let plain = BTreeMap::from([("app".to_string(), "web".to_string())]);
+        assert!(!asks_for_slice(&none, Some(&plain), false));
+        let annotated = BTreeMap::from([(SLICE_ANNOTATION.to_string(), "media".to_string())]);
+        assert!(asks_for_slice(&none, Some(&annotated), false));
+        assert!(asks_for_slice(&none, None, true));
+        for key in [ARG_RANGE, ARG_SLICE] {
+            let args = BTreeMap::from([(key.to_string(), "x".to_string())]);
+            assert!(asks_for_slice(&args, None, false), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_container_without_namespace_joins_the_static_slice_of_its_name() {
+        assert_eq!(known(podman("sip").plan()), ("sip".into(), 5060));
+        assert_eq!(podman("web").plan().unwrap(), Lookup::NotASlicePod);
+    }
+
+    #[test]
+    fn the_networks_slice_takes_every_container_but_those_named_otherwise() {
+        let mut c = podman("web");
+        c.statics.insert("media".into(), range(40000, 40999));
+        c.network = Some("media".into());
+        assert_eq!(known(c.plan()), ("media".into(), 40000));
+        c.args.insert(ARG_SLICE.into(), "sip".into());
+        assert_eq!(known(c.plan()), ("sip".into(), 5060));
+        c.args.remove(ARG_SLICE);
+        let mut named = podman("sip");
+        named.statics.insert("media".into(), range(40000, 40999));
+        named.network = Some("media".into());
+        assert_eq!(known(named.plan()), ("sip".into(), 5060), "its name wins");
+        c.network = Some("gone".into());
+        c.args.remove(ARG_SLICE);
+        assert_eq!(c.plan().unwrap_err().code, code::INVALID_NETWORK_CONFIG);
     }
 
     #[test]
@@ -314,6 +427,7 @@ mod tests {
             pod: PodIdentity::default(),
             annotations: None,
             statics: BTreeMap::new(),
+            network: None,
             kube: false,
         };
         match c.plan().unwrap() {
@@ -332,6 +446,7 @@ mod tests {
             pod: PodIdentity::default(),
             annotations: None,
             statics: BTreeMap::new(),
+            network: None,
             kube: false,
         };
         assert_eq!(c.plan().unwrap_err().code, code::INVALID_ENV);
@@ -345,6 +460,7 @@ mod tests {
             pod: PodIdentity::default(),
             annotations: None,
             statics: BTreeMap::new(),
+            network: None,
             kube: false,
         };
         assert_eq!(c.plan().unwrap_err().code, code::SLICE_NOT_FOUND);

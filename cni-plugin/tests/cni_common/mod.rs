@@ -1,7 +1,8 @@
 //! Driving the CNI chain exactly as a runtime does: each plugin of a conflist is executed with
 //! the CNI_* environment and its config (with `name`, `cniVersion`, `prevResult` and
 //! `runtimeConfig` filled in per the spec) on stdin, from inside the node's netns. The primary
-//! plugins are Debian's reference plugins in /usr/lib/cni; `portslice` is the built binary.
+//! plugins are Debian's reference plugins in /usr/lib/cni (CNI up to 1.0.0) or, for 1.1.0, a
+//! newer release built by e2e/scripts/build-tools.sh; `portslice` is the built binary.
 //! Builds on the netns topology of tests/support (node + remote + daemon with its own pin root).
 #![allow(dead_code)]
 
@@ -23,6 +24,40 @@ use super::support::{NODE_IP, Netns, Topology, daemon_binary, unique};
 
 /// Where Debian's containernetworking-plugins live.
 pub const REF_PLUGINS: &str = "/usr/lib/cni";
+/// Every CNI version a chain is tested at: what kindnet, Flannel and Calico write (0.3.x) up to
+/// the newest.
+pub const CNI_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// The reference plugins that speak `version`: Debian's stop at 1.0.0, so 1.1.0 chains use the
+/// release build-tools.sh builds into `$CNI_PLUGINS_DIR`.
+pub fn ref_plugins(version: &str) -> PathBuf {
+    if version != "1.1.0" {
+        return PathBuf::from(REF_PLUGINS);
+    }
+    let dir = std::env::var_os("CNI_PLUGINS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/portslice/cni-plugins-v1.7.1".into());
+    assert!(
+        dir.join("ptp").exists(),
+        "{} has no reference plugins for CNI 1.1.0: run e2e/scripts/build-tools.sh cni-plugins",
+        dir.display()
+    );
+    dir
+}
+
+/// libcni's rule: DEL carries the cached result as `prevResult` from 0.4.0 on, not before.
+pub fn del_has_prev_result(version: &str) -> bool {
+    !version.starts_with("0.3.")
+}
+
+/// CNI_PATH for a chain at `version`: its reference plugins, then the portslice binary.
+pub fn cni_path(version: &str) -> String {
+    format!(
+        "{}:{}",
+        ref_plugins(version).display(),
+        daemon_binary().parent().expect("bin dir").display()
+    )
+}
 /// Pods' private addresses come from here; the cluster CIDR the slice pods route privately.
 pub const POD_SUBNET: &str = "10.245.0.0/24";
 pub const CLUSTER_CIDR: &str = "10.245.0.0/16";
@@ -61,12 +96,19 @@ impl Invocation {
     }
 }
 
-pub fn plugin_path(plugin_type: &str) -> PathBuf {
+/// The binary of `plugin_type`, searched along CNI_PATH in `env` as a runtime does.
+pub fn plugin_path(plugin_type: &str, env: &[(String, String)]) -> PathBuf {
     if plugin_type == "portslice" {
-        daemon_binary()
-    } else {
-        Path::new(REF_PLUGINS).join(plugin_type)
+        return daemon_binary();
     }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "CNI_PATH")
+        .map_or(REF_PLUGINS, |(_, v)| v.as_str());
+    path.split(':')
+        .map(|d| Path::new(d).join(plugin_type))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new(REF_PLUGINS).join(plugin_type))
 }
 
 /// Runs a plugin binary with `env` and `stdin`, inside the netns at `netns` (setns before exec,
@@ -77,7 +119,7 @@ pub fn exec_plugin(
     env: &[(String, String)],
     stdin: &str,
 ) -> Invocation {
-    let mut cmd = Command::new(plugin_path(plugin_type));
+    let mut cmd = Command::new(plugin_path(plugin_type, env));
     cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -263,11 +305,14 @@ impl CniPod {
         format!("pod-{}", self.container_id)
     }
 
+    /// The environment of `command` for a chain at CNI 1.0.0 (Debian's plugins).
     pub fn env(&self, command: &str) -> Vec<(String, String)> {
-        let path = format!(
-            "{REF_PLUGINS}:{}",
-            daemon_binary().parent().expect("bin dir").display()
-        );
+        self.env_at(command, "1.0.0")
+    }
+
+    /// The environment of `command` for a chain at `version`.
+    pub fn env_at(&self, command: &str, version: &str) -> Vec<(String, String)> {
+        let path = cni_path(version);
         [
             ("CNI_COMMAND", command.to_string()),
             ("CNI_CONTAINERID", self.container_id.clone()),
@@ -311,7 +356,7 @@ impl Runtime<'_> {
         exec_plugin(
             Some(&self.node.path()),
             plugin_type(&self.list.plugins[i]),
-            &pod.env(command),
+            &pod.env_at(command, &self.list.version),
             &conf.to_string(),
         )
     }
@@ -347,23 +392,33 @@ impl Runtime<'_> {
 
     /// CHECK through the chain with the cached result.
     pub fn check(&self, pod: &CniPod) -> Result<(), Invocation> {
-        self.each(pod, "CHECK", 0..self.list.plugins.len())
+        self.each(
+            pod,
+            "CHECK",
+            pod.result.as_ref(),
+            0..self.list.plugins.len(),
+        )
     }
 
-    /// DEL in reverse order with the cached result (if any).
+    /// DEL in reverse order, with the cached result where the version carries it.
     pub fn del(&self, pod: &CniPod) -> Result<(), Invocation> {
-        self.each(pod, "DEL", (0..self.list.plugins.len()).rev())
+        let prev = pod
+            .result
+            .as_ref()
+            .filter(|_| del_has_prev_result(&self.list.version));
+        self.each(pod, "DEL", prev, (0..self.list.plugins.len()).rev())
     }
 
-    /// `command` with the cached result for the plugins at `order`; stops at the first failure.
+    /// `command` with `prev` for the plugins at `order`; stops at the first failure.
     fn each(
         &self,
         pod: &CniPod,
         command: &str,
+        prev: Option<&Value>,
         order: impl Iterator<Item = usize>,
     ) -> Result<(), Invocation> {
         for i in order {
-            let inv = self.exec_at(i, pod, command, pod.result.as_ref());
+            let inv = self.exec_at(i, pod, command, prev);
             if !inv.ok() {
                 return Err(inv);
             }

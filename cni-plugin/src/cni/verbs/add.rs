@@ -1,62 +1,83 @@
 //! ADD: wire a slice pod (node address, routes, rules, sysctls, datapath) and print the previous
-//! result with the node address added; pass other pods through with only the datapath entry that
-//! lets them reach slice pods on the node address (matrix row 4).
+//! result with the node address added.
+//!
+//! Every other pod gets the previous result back untouched, whatever is wrong on our side (a
+//! cniVersion we do not speak, a bad field of ours, no datapath, an interface that is no veth): a
+//! chained plugin must never fail a pod it has no business with. Its one other effect is a
+//! best-effort datapath entry for its host veth, so it can reach slice pods on the node address
+//! (matrix row 4).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
 
 use super::slice::find_slice;
 use super::{datapath_err, netns_err, not_loaded, open_datapath};
-use crate::cni::config::PluginConfig;
+use crate::cni::config::{Envelope, PluginConfig};
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, code};
-use crate::cni::result::PodAddress;
+use crate::cni::result::{CniResult, PodAddress};
 use crate::datapath::{PinnedDatapath, PodAttachment, SliceBinding};
 use crate::netns::plan::PodWiring;
 use crate::netns::{thread::in_netns, wiring};
-use crate::slice_source::Slice;
+use crate::slice_source::{Slice, asks_for_slice};
 
-pub fn add(env: &CniEnv, conf: &PluginConfig) -> Result<String, CniError> {
-    let prev = conf.prev_result.clone().ok_or_else(|| {
+pub fn add(env: &CniEnv, envelope: &Envelope) -> Result<String, CniError> {
+    let prev = envelope.prev_result().ok_or_else(|| {
         CniError::new(
             code::INVALID_NETWORK_CONFIG,
             "ADD needs prevResult: portslice is a chained plugin",
         )
         .with_details("put it after the primary plugin (ptp, bridge, ...) in a conflist")
     })?;
-    let pod = prev.pod_address(&env.ifname)?;
-    let slice = find_slice(env, conf)?;
-    match slice {
-        None => {
-            add_plain_pod(env, conf, &pod)?;
-            Ok(prev.into_version(conf.version).to_json()?)
+    match PluginConfig::from_envelope(envelope) {
+        Ok(conf) => {
+            if let Some(slice) = find_slice(env, &conf)? {
+                return add_slice_pod(env, &conf, prev, &slice);
+            }
         }
-        Some(slice) => {
-            add_slice_pod(env, conf, &pod, &slice)?;
-            Ok(prev
-                .with_node_address(conf.version, &pod, conf.node_ip)
-                .to_json()?)
+        Err(e) => {
+            let annotations = envelope.pod_annotations();
+            if asks_for_slice(
+                &env.args,
+                annotations.as_ref(),
+                envelope.has_network_slice(),
+            ) {
+                return Err(e);
+            }
+            tracing::error!(error = %e, "the configuration cannot be used for slices; a pod that asks for none passes through");
         }
     }
+    attach_plain_pod(env, &envelope.pin_root(), prev);
+    Ok(prev.to_string())
 }
 
 /// A pod without a slice: its traffic passes untouched; the datapath only learns its host veth
-/// so it can reach slice pods on the node address. Without a datapath there is nothing to do.
-fn add_plain_pod(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress) -> Result<(), CniError> {
-    let Some(mut dp) = open_datapath(&conf.pin_root)? else {
-        tracing::warn!(pin_root = %conf.pin_root.display(), "datapath not loaded; pod passes through");
-        return Ok(());
+/// so it can reach slice pods on the node address. Nothing here may fail the pod.
+fn attach_plain_pod(env: &CniEnv, pin_root: &Path, prev: &Value) {
+    match try_attach_plain_pod(env, pin_root, prev) {
+        Ok(true) => {}
+        Ok(false) => tracing::debug!("datapath not loaded; pod passes through"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "pod passes through without a datapath entry: it cannot reach slice pods on the node address"
+        ),
+    }
+}
+
+fn try_attach_plain_pod(env: &CniEnv, pin_root: &Path, prev: &Value) -> Result<bool, CniError> {
+    let pod = CniResult::from_value(prev.clone())?.pod_address(&env.ifname)?;
+    let Some(mut dp) = open_datapath(pin_root)? else {
+        return Ok(false);
     };
     let ifname = env.ifname.clone();
     let link = in_netns(&PathBuf::from(&env.netns), move || {
         wiring::pod_link(&ifname)
     })
     .map_err(|e| netns_err("reading the pod interface failed", e))?;
-    let Some(host_ifindex) = link.peer_ifindex else {
-        // Not a veth (macvlan, ipvlan, ...): the pod works as the primary plugin made it, it
-        // just cannot reach slice pods on the node address. Refusing it would break more.
-        tracing::warn!(ifname = %env.ifname, "pod interface is not a veth to the node; passing through");
-        return Ok(());
-    };
+    // Not a veth (macvlan, ipvlan, ...): the pod works as the primary plugin made it, it just
+    // cannot reach slice pods on the node address.
+    let host_ifindex = link.peer_ifindex.ok_or_else(|| not_a_veth(env))?;
     let attachment = PodAttachment {
         container_id: env.container_id.clone(),
         host_veth_ifindex: host_ifindex,
@@ -64,7 +85,21 @@ fn add_plain_pod(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress) -> Result<
         slice: None,
     };
     dp.attach_pod(&attachment)
-        .map_err(|e| datapath_err("attaching the pod to the datapath failed", e))
+        .map_err(|e| datapath_err("attaching the pod to the datapath failed", e))?;
+    Ok(true)
+}
+
+fn add_slice_pod(
+    env: &CniEnv,
+    conf: &PluginConfig,
+    prev: &Value,
+    slice: &Slice,
+) -> Result<String, CniError> {
+    let prev = CniResult::from_value(prev.clone())?;
+    let pod = prev.pod_address(&env.ifname)?;
+    wire_slice_pod(env, conf, &pod, slice)?;
+    prev.with_node_address(conf.version, &pod, conf.node_ip)
+        .to_json()
 }
 
 fn not_a_veth(env: &CniEnv) -> CniError {
@@ -87,7 +122,7 @@ pub fn wiring_for(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress, slice: &S
 }
 
 /// Steps in order, each undone (in reverse) when a later one fails.
-fn add_slice_pod(
+fn wire_slice_pod(
     env: &CniEnv,
     conf: &PluginConfig,
     pod: &PodAddress,

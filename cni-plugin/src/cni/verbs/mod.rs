@@ -9,7 +9,7 @@ mod slice;
 
 use std::path::Path;
 
-use super::config::{PluginConfig, peek_version};
+use super::config::{Envelope, PluginConfig, peek_version};
 use super::env::{CniEnv, Command};
 use super::error::{CniError, code};
 use super::version::version_reply;
@@ -22,8 +22,6 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
             version_reply(peek_version(stdin).as_deref()).to_string(),
         ));
     }
-    let conf = PluginConfig::parse(stdin)?;
-    let version = conf.version.as_str();
     let pod = crate::slice_source::PodIdentity::from_args(&env.args).display();
     let span = tracing::info_span!(
         "cni",
@@ -32,16 +30,23 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
         pod = %pod
     );
     let _enter = span.enter();
+    // ADD and DEL take the raw configuration: whatever is wrong with it, a pod that is not in a
+    // slice must come through them unharmed.
+    match env.command {
+        Command::Add => return add::add(env, &Envelope::parse(stdin)?).map(Some),
+        Command::Del => return del::del(env, stdin).map(|()| None),
+        _ => {}
+    }
+    let conf = PluginConfig::parse(stdin)?;
     let out = match env.command {
-        Command::Add => add::add(env, &conf).map(Some),
-        Command::Del => del::del(env, &conf).map(|()| None),
-        Command::Check => check::check(env, &conf).map(|()| None),
-        Command::Gc => gc_status::gc(&conf).map(|()| None),
-        Command::Status => gc_status::status(&conf).map(|()| None),
-        // Answered above without parsing the config; kept total for the match.
-        Command::Version => Ok(Some(version_reply(Some(version)).to_string())),
+        Command::Check => check::check(env, &conf),
+        Command::Gc => gc_status::gc(&conf),
+        Command::Status => gc_status::status(&conf),
+        // Answered above; kept total for the match.
+        Command::Add | Command::Del | Command::Version => Ok(()),
     };
-    out.map_err(|e| e.in_version(version))
+    out.map(|()| None)
+        .map_err(|e| e.in_version(conf.version.as_str()))
 }
 
 /// Opens the datapath the daemon pinned; `Ok(None)` when it is not loaded.

@@ -12,6 +12,7 @@ pub fn find_slice(env: &CniEnv, conf: &PluginConfig) -> Result<Option<Slice>, Cn
         pod: &pod,
         annotations: conf.pod_annotations.as_ref(),
         static_slices: &conf.slices,
+        network_slice: conf.network_slice.as_deref(),
         has_kubeconfig: conf.kubeconfig.is_some(),
     };
     let lookup = plan(&input)?;
