@@ -3,13 +3,10 @@
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
-mod range;
 mod slice;
 
-pub use range::{PortRange, PortRangeError};
-pub use slice::{
-    Condition, PortSlice, PortSliceSpec, PortSliceStatus, Protocol, Sliver, conditions,
-};
+pub use portslice_ports::{PortRange, PortRangeError, Protocol};
+pub use slice::{Condition, PortSlice, PortSliceSpec, PortSliceStatus, Sliver, conditions};
 
 /// API group of every PortSlice resource.
 pub const GROUP: &str = "portslice.io";
@@ -17,11 +14,6 @@ pub const GROUP: &str = "portslice.io";
 pub const SLICE_ANNOTATION: &str = "portslice.io/slice";
 /// Finalizer that keeps a deleted slice's range reserved until its pods are gone.
 pub const FINALIZER: &str = "portslice.io/range-release";
-/// The Kubernetes NodePort range; never part of an allocation pool.
-pub const NODE_PORT_RANGE: PortRange = PortRange {
-    start: 30000,
-    end: 32767,
-};
 
 /// Renders the CRD as YAML, exactly as checked in under `crds/`.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {

@@ -2,7 +2,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::PortRange;
+use portslice_ports::{PortRange, Protocol};
 
 /// A request for a contiguous range of ports on the shared node address.
 ///
@@ -53,15 +53,7 @@ pub struct PortSliceSpec {
 }
 
 fn default_protocols() -> Vec<Protocol> {
-    vec![Protocol::TCP, Protocol::UDP]
-}
-
-/// A transport protocol whose ports the slice owns.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[allow(clippy::upper_case_acronyms)]
-pub enum Protocol {
-    TCP,
-    UDP,
+    Protocol::ALL.to_vec()
 }
 
 /// What the operator has decided for the slice. The operator rebuilds its allocation table from

@@ -2,7 +2,7 @@
 # Datapath benchmark (issue 4): host networking vs a slice pod vs a pod behind the reference
 # portmap plugin's NAT, then with 10,000 ports allocated (10,000-port slice vs 10,000 iptables
 # DNAT rules vs one nftables DNAT rule over a 10,000-entry map), plus the datapath part of CNI
-# ADD/DEL. Everything runs in network namespaces it creates (tests/support in cni-plugin).
+# ADD/DEL. Everything runs in network namespaces it creates (cni-plugin/testkit).
 #
 #   e2e/scripts/bench-datapath.sh           full run (5 s per measurement), writes the table into
 #                                           docs/BENCHMARKS.md between the datapath-bench markers
@@ -30,7 +30,7 @@ cd "$REPO_ROOT"
 build() {
     # Not `tee /dev/stderr`: when stderr is a file, opening it again truncates the whole log.
     local out status=0
-    out=$(cargo test -p portslice-cni --release --test datapath_bench --no-run 2>&1) || status=$?
+    out=$(cargo test -p portslice-cni --release --test bench --no-run 2>&1) || status=$?
     printf '%s\n' "$out" >&2
     [ "$status" -eq 0 ] || return "$status"
     printf '%s\n' "$out" | sed -n 's/.*Executable .*(\(.*\))$/\1/p' > "$bin_file"

@@ -31,6 +31,8 @@ lint() {
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
     "$TOOLS_BIN/helm" lint charts/portslice
+    # The chart's render-time pool check against the Rust rule (helm, no cluster).
+    PORTSLICE_E2E_HELM="$TOOLS_BIN/helm" cargo test -p portslice-e2e --test chart
 }
 unit() {
     cargo test --workspace --lib --bins

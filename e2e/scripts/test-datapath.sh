@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Every privileged test of cni-plugin (issue 4), in network namespaces the tests create:
-#   cni_protocol  the CNI protocol at the process boundary (error codes, versions, VERSION/GC/STATUS)
-#   cni_chain     the plugin chained behind ptp/bridge + host-local at every CNI version (Debian's
-#                 plugins up to 1.0.0, a newer release for 1.1.0), through cnitool and podman
-#   cni_kube      slices read from a real kube-apiserver + etcd (started here, on loopback)
-#   matrix        every row of DESIGN.md's connectivity matrix with pods made by the CNI chain
-#   datapath_*    the eBPF datapath, its loader and the node daemon with plain veths
+# Every privileged test of the node side (cni-plugin/tests/node, one binary), in network
+# namespaces the tests create, one stage per suite:
+#   kube             slices read from a real kube-apiserver + etcd (started here, on loopback)
+#   protocol         the CNI protocol at the process boundary (error codes, versions, pass-through)
+#   chain            the plugin chained behind ptp/bridge + host-local at every CNI version (Debian's
+#                    plugins up to 1.0.0, a newer release for 1.1.0), through cnitool and podman
+#   cni_matrix       every row of docs/DESIGN.md's connectivity matrix, pods made by the CNI chain
+#   veth_matrix      the same rows with plain veths, plus PMTU and zero conntrack
+#   daemon, clsact   the node daemon, and the attach fallback for kernels without tcx
 # Needs root (CI runs as root); installs what the tests need. Prints stage timings.
 #
 #   e2e/scripts/test-datapath.sh
@@ -21,8 +23,8 @@ stage "cnitool and CNI 1.1.0 plugins" bash e2e/scripts/build-tools.sh cnitool cn
 export TOOLS_BIN CNI_PLUGINS_DIR
 [ -x /usr/lib/cni/ptp ] || die "Debian's reference CNI plugins are missing from /usr/lib/cni"
 
-stage "build" cargo test -p portslice-cni --no-run
-stage "unit" cargo test -p portslice-cni --lib --bins
+stage "build" cargo test -p portslice-netns -p portslice-datapath -p portslice-cni --no-run
+stage "unit" cargo test -p portslice-netns -p portslice-datapath -p portslice-cni --lib --bins
 
 apiserver_dir=$(mktemp -d "${TMPDIR:-/tmp}/portslice-cni-apiserver.XXXXXX")
 cleanup() {
@@ -32,14 +34,10 @@ cleanup() {
 trap cleanup EXIT
 stage "start kube-apiserver + etcd" bash e2e/scripts/apiserver.sh start "$apiserver_dir"
 
-# One stage per test binary, so a failure names its suite and the timings show where time goes.
-# The benchmark (datapath_bench) is #[ignore]d here and run by bench-datapath.sh.
-stage "test cni_kube" env KUBECONFIG="$apiserver_dir/kubeconfig" PORTSLICE_REQUIRE_KUBE=1 \
-    cargo test -p portslice-cni --test cni_kube -- --nocapture
-suites=(cni_protocol cni_chain matrix)
-for f in cni-plugin/tests/datapath_*.rs; do
-    suites+=("$(basename "$f" .rs)")
-done
-for suite in "${suites[@]}"; do
-    stage "test $suite" cargo test -p portslice-cni --test "$suite"
+# One stage per suite (a module of the one test binary), so a failure names its suite and the
+# timings show where time goes. The benchmark (tests/bench.rs) is run by bench-datapath.sh.
+stage "test kube" env KUBECONFIG="$apiserver_dir/kubeconfig" \
+    cargo test -p portslice-cni --test node -- kube:: --nocapture
+for suite in protocol chain cni_matrix veth_matrix daemon clsact; do
+    stage "test $suite" cargo test -p portslice-cni --test node -- "$suite::"
 done

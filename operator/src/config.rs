@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use portslice_crds::PortRange;
-use serde::Deserialize;
+use portslice_ports::{DEFAULT_NODE_PORT_RANGE, Pool, PortRange, parse_list};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -28,8 +28,11 @@ pub enum ConfigError {
     },
 }
 
-/// Command line. Every option is optional here so that the config file can fill it in.
-#[derive(Parser, Debug, Default, Clone)]
+/// Every option of the operator, declared once: clap reads it from the command line (and the
+/// environment where noted), serde from the config file under the same name in camelCase
+/// (`--lease-name` is `leaseName`). Every field is optional so that [`Options::over`] can lay the
+/// command line over the file; [`Config::resolve`] fills in the defaults.
+#[derive(Parser, Serialize, Deserialize, Debug, Default, Clone)]
 #[command(
     name = "portslice-operator",
     version,
@@ -37,74 +40,93 @@ pub enum ConfigError {
 )]
 // A later flag replaces an earlier one (wrappers can append overrides); --pool accumulates.
 #[command(args_override_self = true)]
-pub struct Cli {
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Options {
     /// YAML file with any of the options below (keys as in the flags, e.g. `pools: [40000-59999]`).
     #[arg(long, env = "PORTSLICE_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Port range to allocate from (repeatable), e.g. 40000-59999. NodePorts and ports below 1024
-    /// are always left out. Default: 40000-59999.
-    #[arg(long = "pool", value_name = "START-END")]
+    /// Port ranges to allocate from, comma-separated and/or repeated, e.g. 40000-49999,50000-54999.
+    /// A range in the NodePort range or below 1024 is refused. Default: 40000-59999.
+    #[arg(long = "pool", value_name = "START-END[,...]", value_delimiter = ',')]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pools: Vec<String>,
+    /// The cluster's NodePort range (kube-apiserver --service-node-port-range). Default:
+    /// 30000-32767.
+    #[arg(long, value_name = "START-END")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_port_range: Option<String>,
     /// How long a deleted slice's range stays reserved after its last pod is gone (e.g. 30s, 2m).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub quarantine: Option<String>,
     /// How often a slice that waits for space (pool exhausted, conflict) is retried even without
     /// a deletion that frees space.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_interval: Option<String>,
     /// Address of the /healthz, /readyz and /metrics server.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<SocketAddr>,
     /// Namespace of the leader election Lease (default: $POD_NAMESPACE, else "default").
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_namespace: Option<String>,
     /// Name of the leader election Lease.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_name: Option<String>,
     /// How long the Lease is valid after the leader's last renewal, in seconds.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_duration: Option<u64>,
     /// How long before the Lease expires the leader renews it, in seconds.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_grace: Option<u64>,
     /// This replica's name in the Lease (default: $POD_NAME, else hostname-pid).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
     /// Watch only this namespace (tests, single-tenant setups). Default: all namespaces.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub watch_namespace: Option<String>,
     /// Number of slices reconciled at the same time.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u16>,
     /// Log format: text or json.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
     /// Also emit a Normal Event for every allocation (Warnings for conflicts, exhaustion and
     /// invalid specs, and the Released event, are always emitted). Off by default: it is one
     /// more API write per slice, and the Allocated condition already says it.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub allocation_events: Option<bool>,
 }
 
-#[derive(Deserialize, Debug, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct FileConfig {
-    pools: Option<Vec<String>>,
-    quarantine: Option<String>,
-    retry_interval: Option<String>,
-    metrics_addr: Option<SocketAddr>,
-    lease_namespace: Option<String>,
-    lease_name: Option<String>,
-    lease_duration: Option<u64>,
-    lease_grace: Option<u64>,
-    identity: Option<String>,
-    watch_namespace: Option<String>,
-    concurrency: Option<u16>,
-    log_format: Option<LogFormat>,
-    allocation_events: Option<bool>,
+impl Options {
+    /// These options laid over `lower`: every option set here replaces `lower`'s. Generic over
+    /// the fields (unset ones are not serialized), so a new option needs no code here.
+    pub fn over(self, lower: Options) -> Options {
+        let config = self.config.clone().or(lower.config.clone());
+        let mut merged = serde_json::to_value(&lower).unwrap_or_default();
+        if let (serde_json::Value::Object(base), Ok(serde_json::Value::Object(top))) =
+            (&mut merged, serde_json::to_value(&self))
+        {
+            base.extend(top);
+        }
+        let mut out: Options = serde_json::from_value(merged).unwrap_or(self);
+        out.config = config;
+        out
+    }
 }
 
-#[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(clap::ValueEnum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -115,7 +137,8 @@ pub enum LogFormat {
 /// The resolved configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    pub pools: Vec<PortRange>,
+    pub pool: Pool,
+    pub node_port_range: PortRange,
     pub quarantine: Duration,
     pub retry_interval: Duration,
     pub metrics_addr: SocketAddr,
@@ -155,62 +178,50 @@ impl Env {
 }
 
 impl Config {
-    /// Loads the config file named on the command line (if any) and resolves everything.
-    pub fn load(cli: Cli, env: &Env) -> Result<Self, ConfigError> {
+    /// Loads the config file named on the command line (if any), lays the command line over it
+    /// and resolves everything.
+    pub fn load(cli: Options, env: &Env) -> Result<Self, ConfigError> {
         let file = match &cli.config {
             Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+            None => Options::default(),
         };
-        Self::resolve(cli, file_from(file), env)
+        Self::resolve(cli.over(file), env)
     }
 
-    fn resolve(cli: Cli, file: Cli, env: &Env) -> Result<Self, ConfigError> {
-        let pools = if !cli.pools.is_empty() {
-            cli.pools
-        } else if !file.pools.is_empty() {
-            file.pools
-        } else {
-            vec!["40000-59999".to_string()]
+    fn resolve(o: Options, env: &Env) -> Result<Self, ConfigError> {
+        let invalid = |what: &'static str, value: String, reason: String| ConfigError::Invalid {
+            what,
+            value,
+            reason,
         };
-        let pools = pools
-            .iter()
-            .map(|p| {
-                p.parse::<PortRange>().map_err(|e| ConfigError::Invalid {
-                    what: "pool",
-                    value: p.clone(),
-                    reason: e.to_string(),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        crate::allocator::normalize(&pools).map_err(|e| ConfigError::Invalid {
-            what: "pool",
-            value: format!("{pools:?}"),
-            reason: e.to_string(),
-        })?;
-        let quarantine = parse_duration(
-            &cli.quarantine
-                .or(file.quarantine)
-                .unwrap_or_else(|| "30s".into()),
-        )?;
-        let retry_interval = parse_duration(
-            &cli.retry_interval
-                .or(file.retry_interval)
-                .unwrap_or_else(|| "30s".into()),
-        )?;
-        let lease_duration = cli.lease_duration.or(file.lease_duration).unwrap_or(15);
-        let lease_grace = cli.lease_grace.or(file.lease_grace).unwrap_or(5);
+        let node_port_range = match &o.node_port_range {
+            Some(text) => text
+                .parse::<PortRange>()
+                .map_err(|e| invalid("NodePort range", text.clone(), e.to_string()))?,
+            None => DEFAULT_NODE_PORT_RANGE,
+        };
+        let pool_text = if o.pools.is_empty() {
+            "40000-59999".to_string()
+        } else {
+            o.pools.join(",")
+        };
+        let ranges = parse_list(&pool_text)
+            .map_err(|e| invalid("pool", pool_text.clone(), e.to_string()))?;
+        let pool = Pool::new(ranges, node_port_range)
+            .map_err(|e| invalid("pool", pool_text.clone(), e.to_string()))?;
+        let quarantine = parse_duration(o.quarantine.as_deref().unwrap_or("30s"))?;
+        let retry_interval = parse_duration(o.retry_interval.as_deref().unwrap_or("30s"))?;
+        let lease_duration = o.lease_duration.unwrap_or(15);
+        let lease_grace = o.lease_grace.unwrap_or(5);
         if lease_grace == 0 || lease_grace >= lease_duration {
-            return Err(ConfigError::Invalid {
-                what: "lease grace",
-                value: lease_grace.to_string(),
-                reason: format!(
-                    "must be at least 1 and below the lease duration ({lease_duration}s)"
-                ),
-            });
+            return Err(invalid(
+                "lease grace",
+                lease_grace.to_string(),
+                format!("must be at least 1 and below the lease duration ({lease_duration}s)"),
+            ));
         }
-        let identity = cli
+        let identity = o
             .identity
-            .or(file.identity)
             .or_else(|| env.pod_name.clone())
             .unwrap_or_else(|| {
                 format!(
@@ -220,37 +231,30 @@ impl Config {
                 )
             });
         Ok(Self {
-            pools,
+            pool,
+            node_port_range,
             quarantine,
             retry_interval,
-            metrics_addr: cli
+            metrics_addr: o
                 .metrics_addr
-                .or(file.metrics_addr)
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
-            lease_namespace: cli
+            lease_namespace: o
                 .lease_namespace
-                .or(file.lease_namespace)
                 .or_else(|| env.pod_namespace.clone())
                 .unwrap_or_else(|| "default".into()),
-            lease_name: cli
-                .lease_name
-                .or(file.lease_name)
-                .unwrap_or_else(|| "portslice-operator".into()),
+            lease_name: o.lease_name.unwrap_or_else(|| "portslice-operator".into()),
             lease_duration,
             lease_grace,
             identity,
-            watch_namespace: cli.watch_namespace.or(file.watch_namespace),
-            concurrency: cli.concurrency.or(file.concurrency).unwrap_or(32).max(1),
-            log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
-            allocation_events: cli
-                .allocation_events
-                .or(file.allocation_events)
-                .unwrap_or(false),
+            watch_namespace: o.watch_namespace,
+            concurrency: o.concurrency.unwrap_or(32).max(1),
+            log_format: o.log_format.unwrap_or_default(),
+            allocation_events: o.allocation_events.unwrap_or(false),
         })
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+fn read_file(path: &Path) -> Result<Options, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
@@ -261,30 +265,11 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
-fn parse_file(text: &str) -> Result<FileConfig, serde_yaml::Error> {
+fn parse_file(text: &str) -> Result<Options, serde_yaml::Error> {
     if text.trim().is_empty() {
-        return Ok(FileConfig::default());
+        return Ok(Options::default());
     }
     serde_yaml::from_str(text)
-}
-
-fn file_from(f: FileConfig) -> Cli {
-    Cli {
-        config: None,
-        pools: f.pools.unwrap_or_default(),
-        quarantine: f.quarantine,
-        retry_interval: f.retry_interval,
-        metrics_addr: f.metrics_addr,
-        lease_namespace: f.lease_namespace,
-        lease_name: f.lease_name,
-        lease_duration: f.lease_duration,
-        lease_grace: f.lease_grace,
-        identity: f.identity,
-        watch_namespace: f.watch_namespace,
-        concurrency: f.concurrency,
-        log_format: f.log_format,
-        allocation_events: f.allocation_events,
-    }
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h`, or a bare number of seconds.
@@ -323,16 +308,15 @@ mod tests {
         }
     }
 
+    fn resolve(cli: Options, file: Options) -> Result<Config, ConfigError> {
+        Config::resolve(cli.over(file), &env())
+    }
+
     #[test]
     fn defaults_are_sane() {
-        let c = Config::resolve(Cli::default(), Cli::default(), &env()).unwrap();
-        assert_eq!(
-            c.pools,
-            vec![PortRange {
-                start: 40000,
-                end: 59999
-            }]
-        );
+        let c = resolve(Options::default(), Options::default()).unwrap();
+        assert_eq!(c.pool.to_string(), "40000-59999");
+        assert_eq!(c.node_port_range, DEFAULT_NODE_PORT_RANGE);
         assert_eq!(c.quarantine, Duration::from_secs(30));
         assert_eq!(c.lease_namespace, "default");
         assert_eq!(c.identity, "node1-7");
@@ -341,27 +325,23 @@ mod tests {
 
     #[test]
     fn command_line_wins_over_file_wins_over_default() {
-        let file = file_from(
-            parse_file(
-                "pools: [\"20000-20999\"]\nquarantine: 2m\nleaseName: from-file\nlogFormat: json\n",
-            )
-            .unwrap(),
-        );
-        let cli = Cli {
-            quarantine: Some("500ms".into()),
-            ..Cli::default()
-        };
-        let c = Config::resolve(cli, file, &env()).unwrap();
-        assert_eq!(
-            c.pools,
-            vec![PortRange {
-                start: 20000,
-                end: 20999
-            }]
-        );
+        let file = parse_file(
+            "pools: [\"20000-20999\"]\nquarantine: 2m\nleaseName: from-file\nlogFormat: json\nconcurrency: 3\n",
+        )
+        .unwrap();
+        let cli = Options::parse_from(["op", "--quarantine", "500ms", "--concurrency", "9"]);
+        let c = resolve(cli, file.clone()).unwrap();
+        assert_eq!(c.pool.to_string(), "20000-20999");
         assert_eq!(c.quarantine, Duration::from_millis(500));
         assert_eq!(c.lease_name, "from-file");
         assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.concurrency, 9);
+        let cli = Options::parse_from(["op", "--pool", "50000-50999"]);
+        assert_eq!(
+            resolve(cli, file).unwrap().pool.to_string(),
+            "50000-50999",
+            "the command line's pools replace the file's"
+        );
     }
 
     #[test]
@@ -371,7 +351,7 @@ mod tests {
             pod_namespace: Some("portslice".into()),
             ..env()
         };
-        let c = Config::resolve(Cli::default(), Cli::default(), &env).unwrap();
+        let c = Config::resolve(Options::default(), &env).unwrap();
         assert_eq!(
             (c.identity.as_str(), c.lease_namespace.as_str()),
             ("op-0", "portslice")
@@ -380,41 +360,30 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_with_the_value_in_the_message() {
-        let cli = Cli {
-            pools: vec!["30000-32767".into()],
-            ..Cli::default()
-        };
-        assert!(
-            Config::resolve(cli, Cli::default(), &env())
+        let refused = |args: &[&str]| {
+            let mut argv = vec!["op"];
+            argv.extend_from_slice(args);
+            resolve(Options::parse_from(argv), Options::default())
                 .unwrap_err()
                 .to_string()
+        };
+        assert!(refused(&["--pool", "30000-32767"]).contains("NodePort"));
+        assert!(refused(&["--pool", "80-443"]).contains("below 1024"));
+        assert!(refused(&["--pool", "5-4"]).contains("5-4"));
+        assert!(
+            refused(&["--pool", "40000-40999", "--node-port-range", "40500-40600"])
                 .contains("NodePort")
         );
-        let cli = Cli {
-            pools: vec!["5-4".into()],
-            ..Cli::default()
-        };
-        assert!(
-            Config::resolve(cli, Cli::default(), &env())
-                .unwrap_err()
-                .to_string()
-                .contains("5-4")
-        );
-        let cli = Cli {
-            lease_duration: Some(5),
-            lease_grace: Some(5),
-            ..Cli::default()
-        };
-        assert!(Config::resolve(cli, Cli::default(), &env()).is_err());
+        assert!(refused(&["--lease-duration", "5", "--lease-grace", "5"]).contains("lease grace"));
         assert!(parse_file("pool: [1]").is_err(), "unknown keys are refused");
     }
 
     #[test]
-    fn pools_accumulate_and_later_flags_win() {
-        let cli = Cli::parse_from([
+    fn pools_take_commas_and_repeats_and_later_flags_win() {
+        let cli = Options::parse_from([
             "op",
             "--pool",
-            "40000-40999",
+            "40000-40999,42000-42999",
             "--quarantine",
             "5s",
             "--pool",
@@ -422,8 +391,8 @@ mod tests {
             "--quarantine",
             "1s",
         ]);
-        let c = Config::resolve(cli, Cli::default(), &env()).unwrap();
-        assert_eq!(c.pools.len(), 2);
+        let c = Config::resolve(cli, &env()).unwrap();
+        assert_eq!(c.pool.to_string(), "40000-40999,42000-42999,50000-50999");
         assert_eq!(c.quarantine, Duration::from_secs(1));
     }
 

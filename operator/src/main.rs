@@ -1,9 +1,9 @@
 use clap::Parser;
-use portslice_operator::config::{Cli, Config, Env};
+use portslice_operator::config::{Config, Env, Options};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::load(Cli::parse(), &Env::from_process())?;
+    let config = Config::load(Options::parse(), &Env::from_process())?;
     portslice_operator::telemetry::init(config.log_format);
     portslice_operator::run(config).await
 }

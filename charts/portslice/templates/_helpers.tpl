@@ -28,18 +28,26 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.image.node.repository }}:{{ .Values.image.node.tag | default .Chart.AppVersion }}
 {{- end -}}
 
-{{/* The pool as one comma-separated flag value, validated against the NodePort range. */}}
+{{/* The pool as one comma-separated flag value, checked at render time by the rule the
+operator and the node daemon apply at start (crds/ports/src/pool.rs: no range below 1024, none
+touching the NodePort range). e2e/tests/chart.rs keeps the two in agreement. */}}
 {{- define "portslice.pool" -}}
-{{- if not .Values.pools -}}{{- fail "pools: at least one port range is required" -}}{{- end -}}
+{{- if not .Values.pools -}}{{- fail "pools: at least one port range is required, e.g. [\"40000-59999\"]" -}}{{- end -}}
+{{- $np := splitList "-" (toString .Values.cluster.nodePortRange) -}}
+{{- $npStart := int (first $np) -}}
+{{- $npEnd := int (last $np) -}}
 {{- range .Values.pools -}}
 {{- $parts := splitList "-" (toString .) -}}
 {{- $start := int (first $parts) -}}
 {{- $end := int (last $parts) -}}
-{{- if or (lt $start 1) (gt $end 65535) (gt $start $end) -}}
+{{- if or (lt $start 1) (gt $end 65535) (gt $start $end) (gt (len $parts) 2) -}}
 {{- fail (printf "pools: %q is not a range START-END within 1-65535" .) -}}
 {{- end -}}
-{{- if and (le $start 32767) (ge $end 30000) -}}
-{{- fail (printf "pools: %q overlaps the NodePort range 30000-32767" .) -}}
+{{- if lt $start 1024 -}}
+{{- fail (printf "pools: %q reaches below 1024: privileged ports are only ever held by exact reservations (spec.ports), never handed out from the pool" .) -}}
+{{- end -}}
+{{- if and (le $start $npEnd) (ge $end $npStart) -}}
+{{- fail (printf "pools: %q overlaps the NodePort range %s: kube-proxy owns those ports on every node" . .Values.cluster.nodePortRange) -}}
 {{- end -}}
 {{- end -}}
 {{- join "," .Values.pools -}}
@@ -62,6 +70,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 - name: PORTSLICE_POOL
   value: {{ include "portslice.pool" . | quote }}
+- name: PORTSLICE_NODE_PORT_RANGE
+  value: {{ .Values.cluster.nodePortRange | quote }}
 - name: PORTSLICE_PIN_ROOT
   value: {{ .Values.node.pinRoot | quote }}
 - name: PORTSLICE_CLUSTER_CIDRS

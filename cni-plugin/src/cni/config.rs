@@ -7,16 +7,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use portslice_crds::PortRange;
+use portslice_datapath::DEFAULT_PIN_ROOT;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::{CniError, code};
-use super::ip::Ipv4Cidr;
 use super::result::CniResult;
 use super::version::Version;
+use portslice_netns::Ipv4Cidr;
 
-/// Where the daemon pins the datapath when the config does not say.
-pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/portslice";
 /// How long ADD waits for the API server when the config does not say.
 pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(5);
 /// The capability containerd fills with the pod's annotations.

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::{CniError, code};
-use super::ip::Ipv4Cidr;
 use super::version::Version;
+use portslice_netns::Ipv4Cidr;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CniResult {

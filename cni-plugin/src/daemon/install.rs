@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use portslice_crds::PortRange;
+use portslice_ports::Pool;
 use serde_json::json;
 
 use super::{DaemonArgs, conflist, ports};
@@ -35,9 +35,10 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
 
 /// Adds the pool to `net.ipv4.ip_local_reserved_ports` so the host never picks a pool port as
 /// an ephemeral port (matrix row 10). Keeps what was reserved before.
-pub fn reserve_pool(pool: &[PortRange]) -> anyhow::Result<()> {
+pub fn reserve_pool(pool: &Pool) -> anyhow::Result<()> {
     let cur = std::fs::read_to_string(RESERVED).context("reading ip_local_reserved_ports")?;
-    let new = ports::reserved_with(cur.trim(), pool).map_err(anyhow::Error::msg)?;
+    let new = ports::reserved_with(cur.trim(), pool.as_set())
+        .with_context(|| format!("ip_local_reserved_ports is {cur:?}"))?;
     if new != cur.trim() {
         std::fs::write(RESERVED, &new)
             .with_context(|| format!("setting ip_local_reserved_ports={new}"))?;
@@ -47,9 +48,10 @@ pub fn reserve_pool(pool: &[PortRange]) -> anyhow::Result<()> {
 }
 
 /// Takes the pool out of `net.ipv4.ip_local_reserved_ports` again.
-pub fn unreserve_pool(pool: &[PortRange]) -> anyhow::Result<()> {
+pub fn unreserve_pool(pool: &Pool) -> anyhow::Result<()> {
     let cur = std::fs::read_to_string(RESERVED).context("reading ip_local_reserved_ports")?;
-    let new = ports::reserved_without(cur.trim(), pool).map_err(anyhow::Error::msg)?;
+    let new = ports::reserved_without(cur.trim(), pool.as_set())
+        .with_context(|| format!("ip_local_reserved_ports is {cur:?}"))?;
     // An empty write is refused by some kernels; "\n" clears the list.
     let value = if new.is_empty() {
         "\n".to_string()
@@ -61,7 +63,7 @@ pub fn unreserve_pool(pool: &[PortRange]) -> anyhow::Result<()> {
 }
 
 /// (protocol, port) of host sockets listening inside the pool (this netns).
-pub fn host_listeners_in_pool(pool: &[PortRange]) -> Vec<(&'static str, u16)> {
+pub fn host_listeners_in_pool(pool: &Pool) -> Vec<(&'static str, u16)> {
     let mut out = Vec::new();
     for (file, proto, tcp) in [
         ("/proc/net/tcp", "tcp", true),
@@ -71,7 +73,7 @@ pub fn host_listeners_in_pool(pool: &[PortRange]) -> Vec<(&'static str, u16)> {
     ] {
         if let Ok(t) = std::fs::read_to_string(file) {
             out.extend(
-                ports::in_pool(ports::listening_ports(&t, tcp), pool)
+                ports::inside(ports::listening_ports(&t, tcp), pool.as_set())
                     .into_iter()
                     .map(|p| (proto, p)),
             );

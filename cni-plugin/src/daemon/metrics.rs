@@ -10,7 +10,7 @@ use prometheus_client::{
 
 use super::chain_state::ChainState;
 use super::conflist::ChainReport;
-use crate::datapath::{PinnedDatapath, abi, loader};
+use portslice_datapath::{PinnedDatapath, abi, loader};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SliceLabels {
@@ -46,7 +46,7 @@ pub struct MetricsState {
 /// Per-slice sums of the per-pod counters (a slice has at most one pod per node, but pods of a
 /// deleted-and-recreated slice may briefly overlap).
 pub fn per_slice(
-    pods: &[crate::datapath::PodAttachment],
+    pods: &[portslice_datapath::PodAttachment],
     stats: &BTreeMap<u32, abi::PodStats>,
 ) -> BTreeMap<String, abi::PodStats> {
     let mut out: BTreeMap<String, abi::PodStats> = BTreeMap::new();
@@ -203,7 +203,7 @@ async fn healthz(State(state): State<MetricsState>) -> (StatusCode, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::{PodAttachment, PortRange, Protocol, SliceBinding};
+    use portslice_datapath::{PodAttachment, PortRange, Protocol, SliceBinding};
     use std::net::Ipv4Addr;
 
     #[test]

@@ -21,8 +21,9 @@ pub mod reconcile;
 use std::{net::Ipv4Addr, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
+use portslice_ports::{DEFAULT_NODE_PORT_RANGE, Pool, PortRange};
 
-use crate::datapath::{self, DEFAULT_PIN_ROOT, PinnedDatapath, loader};
+use portslice_datapath::{DEFAULT_PIN_ROOT, PinnedDatapath, loader};
 
 /// Arguments of `portslice daemon`.
 #[derive(clap::Args, Debug, Clone)]
@@ -33,9 +34,19 @@ pub struct DaemonArgs {
     /// The node address shared with slice pods.
     #[arg(long, env = "PORTSLICE_NODE_IP")]
     pub node_ip: Ipv4Addr,
-    /// Port pool of the cluster, e.g. `40000-59999` or `40000-44999,50000-54999`.
-    #[arg(long, env = "PORTSLICE_POOL", default_value = "40000-59999")]
-    pub pool: String,
+    /// Port pool of the cluster, comma-separated and/or repeated: `40000-59999` or
+    /// `40000-44999,50000-54999`. A range below 1024 or in the NodePort range is refused.
+    #[arg(
+        long,
+        env = "PORTSLICE_POOL",
+        value_delimiter = ',',
+        default_value = "40000-59999",
+        value_name = "START-END[,...]"
+    )]
+    pub pool: Vec<PortRange>,
+    /// The cluster's NodePort range (kube-apiserver --service-node-port-range), kept out of pools.
+    #[arg(long, env = "PORTSLICE_NODE_PORT_RANGE", default_value_t = DEFAULT_NODE_PORT_RANGE)]
+    pub node_port_range: PortRange,
     /// bpffs directory for maps, programs and links.
     #[arg(long, env = "PORTSLICE_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
     pub pin_root: PathBuf,
@@ -77,7 +88,8 @@ pub struct DaemonArgs {
 
 /// Runs the daemon until SIGTERM/SIGINT (or, with `--uninstall`, uninstalls and returns).
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
-    let pool = ports::parse_pool(&args.pool)?;
+    let pool =
+        Pool::new(args.pool.iter().copied(), args.node_port_range).context("checking --pool")?;
     if args.uninstall {
         if let Some(secs) = args.await_daemon_exit {
             let local = SocketAddr::from(([127, 0, 0, 1], args.metrics_addr.port()));
@@ -176,7 +188,9 @@ pub fn reconcile_once(args: &DaemonArgs) -> anyhow::Result<Vec<String>> {
         None => None,
     };
     let pods = dp.list_pods()?;
-    let stale = reconcile::stale(&pods, live.as_deref(), |i| datapath::ifname_of(i).is_ok());
+    let stale = reconcile::stale(&pods, live.as_deref(), |i| {
+        portslice_netns::iface::name_of(i).is_ok()
+    });
     for id in &stale {
         let ifindex = pods
             .iter()
@@ -210,7 +224,7 @@ pub async fn await_port_closed(addr: SocketAddr, timeout: Duration) -> anyhow::R
     }
 }
 
-fn uninstall(args: &DaemonArgs, pool: &[portslice_crds::PortRange]) -> anyhow::Result<()> {
+fn uninstall(args: &DaemonArgs, pool: &Pool) -> anyhow::Result<()> {
     let mut errors = Vec::new();
     if !args.no_cni_install
         && let Err(e) = install::uninstall_cni(args)

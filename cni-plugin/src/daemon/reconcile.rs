@@ -1,5 +1,5 @@
 //! Pure reconcile decision: which stored attachments are stale.
-use crate::datapath::PodAttachment;
+use portslice_datapath::PodAttachment;
 
 /// Container ids to remove: not in `live` when a live list is given, and in any case those
 /// whose host veth no longer exists (the pod's netns is gone, so is the pod).

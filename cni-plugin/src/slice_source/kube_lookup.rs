@@ -10,7 +10,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use portslice_crds::{PortSlice, SLICE_ANNOTATION};
 
-use super::{Lookup, PlanInput, Slice, resolve_name, slice_from_status};
+use super::{Lookup, PlanInput, SliceBinding, resolve_name, slice_from_status};
 use crate::cni::error::{CniError, code};
 
 /// Resolves a [`Lookup`] that needs the API server. Returns `None` for pods without a slice.
@@ -19,7 +19,7 @@ pub async fn resolve(
     input: &PlanInput<'_>,
     kubeconfig: Option<&Path>,
     timeout: Duration,
-) -> Result<Option<Slice>, CniError> {
+) -> Result<Option<SliceBinding>, CniError> {
     let (namespace, name, read_pod) = match lookup {
         Lookup::NotASlicePod => return Ok(None),
         Lookup::Known(slice) => return Ok(Some(slice)),
@@ -108,7 +108,11 @@ async fn read_pod_annotation(
         .and_then(|a| a.get(SLICE_ANNOTATION).cloned()))
 }
 
-async fn read_slice(client: &Client, namespace: &str, name: &str) -> Result<Slice, CniError> {
+async fn read_slice(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<SliceBinding, CniError> {
     let slices: Api<PortSlice> = Api::namespaced(client.clone(), namespace);
     let slice = slices
         .get_opt(name)

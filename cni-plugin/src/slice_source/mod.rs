@@ -59,14 +59,9 @@ impl PodIdentity {
     }
 }
 
-/// A slice the pod belongs to, with its range.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Slice {
-    /// `namespace/name` for PortSlices, the config key for static slices.
-    pub name: String,
-    pub range: PortRange,
-    pub protocols: Vec<Protocol>,
-}
+/// The slice a pod belongs to: exactly what the datapath records for it (`slice_key` is
+/// `namespace/name` for PortSlices, the config key for static slices).
+pub use portslice_datapath::SliceBinding;
 
 /// What must happen to find the pod's slice.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +69,7 @@ pub enum Lookup {
     /// Not a slice pod: pass through.
     NotASlicePod,
     /// Known without any API call.
-    Known(Slice),
+    Known(SliceBinding),
     /// Read the PortSlice `namespace/name` for its range.
     ReadSlice { namespace: String, name: String },
     /// The runtime did not pass annotations: read the Pod, then maybe its PortSlice.
@@ -93,7 +88,7 @@ pub struct PlanInput<'a> {
 }
 
 fn both() -> Vec<Protocol> {
-    vec![Protocol::TCP, Protocol::UDP]
+    Protocol::ALL.to_vec()
 }
 
 /// Whether a pod visibly asks for a slice, as far as can be told without a usable config: a
@@ -125,8 +120,8 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Lookup, CniError> {
             .get(ARG_SLICE)
             .cloned()
             .unwrap_or_else(|| format!("range-{range}"));
-        return Ok(Lookup::Known(Slice {
-            name,
+        return Ok(Lookup::Known(SliceBinding {
+            slice_key: name,
             range,
             protocols: both(),
         }));
@@ -168,8 +163,8 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Lookup, CniError> {
 /// The static slice stored under exactly `key`.
 fn static_slice(input: &PlanInput<'_>, key: &str) -> Option<Lookup> {
     input.static_slices.get(key).map(|range| {
-        Lookup::Known(Slice {
-            name: key.to_string(),
+        Lookup::Known(SliceBinding {
+            slice_key: key.to_string(),
             range: *range,
             protocols: both(),
         })
@@ -216,7 +211,7 @@ pub fn slice_from_status(
     name: &str,
     spec_protocols: &[Protocol],
     range: Option<PortRange>,
-) -> Result<Slice, CniError> {
+) -> Result<SliceBinding, CniError> {
     let range = range.ok_or_else(|| {
         CniError::new(
             code::SLICE_NOT_ALLOCATED,
@@ -229,8 +224,8 @@ pub fn slice_from_status(
     } else {
         spec_protocols.to_vec()
     };
-    Ok(Slice {
-        name: format!("{namespace}/{name}"),
+    Ok(SliceBinding {
+        slice_key: format!("{namespace}/{name}"),
         range,
         protocols,
     })
@@ -332,7 +327,7 @@ mod tests {
 
     fn known(lookup: Result<Lookup, CniError>) -> (String, u16) {
         match lookup {
-            Ok(Lookup::Known(s)) => (s.name, s.range.start),
+            Ok(Lookup::Known(s)) => (s.slice_key, s.range.start),
             other => panic!("expected a static slice, got {other:?}"),
         }
     }
@@ -480,7 +475,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (s.name.as_str(), s.protocols.as_slice()),
+            (s.slice_key.as_str(), s.protocols.as_slice()),
             ("a/b", &[Protocol::UDP][..])
         );
     }

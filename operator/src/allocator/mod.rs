@@ -1,7 +1,6 @@
 //! The allocation table: which slice holds which ports. Pure data, no Kubernetes in it, so every
 //! rule (never overlap, first fit, exact reservations, rebuild after restart) is unit- and
 //! property-tested on its own. The controller feeds it from the API server's statuses.
-mod pool;
 mod priority;
 #[cfg(test)]
 mod tests;
@@ -9,8 +8,7 @@ mod tests;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 
-pub use pool::{FIRST_UNPRIVILEGED_PORT, PoolError, normalize, ports_in_pool};
-pub use portslice_crds::PortRange;
+pub use portslice_ports::{Pool, PoolError, PortRange};
 pub use priority::{Age, Claim, older_claim};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -41,8 +39,7 @@ pub type Rebuilt<K> = (Allocator<K>, Vec<(K, AllocError<K>)>);
 /// The table. `K` identifies a slice (the controller uses namespace/name/uid).
 #[derive(Clone, Debug)]
 pub struct Allocator<K> {
-    pools: Vec<PortRange>,
-    pool_size: u32,
+    pool: Pool,
     /// Held ranges by first port. Invariant: disjoint, so ends are sorted too.
     by_start: BTreeMap<u16, (u16, K)>,
     by_key: HashMap<K, PortRange>,
@@ -51,38 +48,32 @@ pub struct Allocator<K> {
 }
 
 impl<K: Clone + Eq + Hash> Allocator<K> {
-    /// An empty table over the given pool ranges (normalised: NodePort and privileged ports cut).
-    pub fn new(pools: &[PortRange]) -> Result<Self, PoolError> {
-        let pools = normalize(pools)?;
-        let pool_size = pools.iter().map(PortRange::len).sum();
-        Ok(Self {
-            pools,
-            pool_size,
+    /// An empty table over a pool (validated by [`Pool::new`]: no NodePorts, no privileged ports).
+    pub fn new(pool: Pool) -> Self {
+        Self {
+            pool,
             by_start: BTreeMap::new(),
             by_key: HashMap::new(),
             used_in_pool: 0,
-        })
+        }
     }
 
     /// Rebuilds the table from existing allocations (the statuses), in the order given: callers
     /// pass the oldest slices first so that, should two statuses ever overlap, the older keeps
     /// its ports. Returns the table and the allocations that could not be recorded.
-    pub fn rebuild(
-        pools: &[PortRange],
-        held: impl IntoIterator<Item = (K, PortRange)>,
-    ) -> Result<Rebuilt<K>, PoolError> {
-        let mut table = Self::new(pools)?;
+    pub fn rebuild(pool: Pool, held: impl IntoIterator<Item = (K, PortRange)>) -> Rebuilt<K> {
+        let mut table = Self::new(pool);
         let mut rejected = Vec::new();
         for (key, range) in held {
             if let Err(e) = table.record(key.clone(), range) {
                 rejected.push((key, e));
             }
         }
-        Ok((table, rejected))
+        (table, rejected)
     }
 
     pub fn pools(&self) -> &[PortRange] {
-        &self.pools
+        self.pool.ranges()
     }
 
     pub fn get(&self, key: &K) -> Option<PortRange> {
@@ -105,9 +96,9 @@ impl<K: Clone + Eq + Hash> Allocator<K> {
 
     pub fn stats(&self) -> PoolStats {
         PoolStats {
-            size: self.pool_size,
+            size: self.pool.port_count(),
             used: self.used_in_pool,
-            free: self.pool_size - self.used_in_pool,
+            free: self.pool.port_count() - self.used_in_pool,
         }
     }
 
@@ -155,7 +146,7 @@ impl<K: Clone + Eq + Hash> Allocator<K> {
             return Ok(held);
         }
         let mut largest_free = 0;
-        for pool in &self.pools {
+        for pool in self.pool.ranges() {
             let mut cursor = u32::from(pool.start);
             let pool_end = u32::from(pool.end);
             // A held range (e.g. an exact reservation) may straddle the pool's start.
@@ -191,7 +182,7 @@ impl<K: Clone + Eq + Hash> Allocator<K> {
     pub fn release(&mut self, key: &K) -> Option<PortRange> {
         let range = self.by_key.remove(key)?;
         self.by_start.remove(&range.start);
-        self.used_in_pool -= ports_in_pool(&self.pools, &range);
+        self.used_in_pool -= self.pool.count_in(&range);
         Some(range)
     }
 
@@ -206,7 +197,7 @@ impl<K: Clone + Eq + Hash> Allocator<K> {
     }
 
     fn insert(&mut self, key: K, range: PortRange) {
-        self.used_in_pool += ports_in_pool(&self.pools, &range);
+        self.used_in_pool += self.pool.count_in(&range);
         self.by_start.insert(range.start, (range.end, key.clone()));
         self.by_key.insert(key, range);
     }

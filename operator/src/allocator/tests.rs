@@ -1,13 +1,22 @@
 use proptest::prelude::*;
 
 use super::*;
+use portslice_ports::RangeSet;
 
 fn r(s: u16, e: u16) -> PortRange {
     PortRange { start: s, end: e }
 }
 
-fn table(pools: &[PortRange]) -> Allocator<u32> {
-    Allocator::new(pools).expect("valid pool")
+fn pool(ranges: &[PortRange]) -> Pool {
+    Pool::new(
+        ranges.iter().copied(),
+        portslice_ports::DEFAULT_NODE_PORT_RANGE,
+    )
+    .expect("valid pool")
+}
+
+fn table(ranges: &[PortRange]) -> Allocator<u32> {
+    Allocator::new(pool(ranges))
 }
 
 #[test]
@@ -55,20 +64,17 @@ fn exhaustion_reports_the_largest_free_run() {
 }
 
 #[test]
-fn never_hands_out_node_ports_or_privileged_ports() {
-    let mut t = table(&[r(1, 65535)]);
+fn the_whole_usable_port_space_is_handed_out_without_node_ports() {
+    let mut t = table(&[r(1024, 29999), r(32768, 65535)]);
     let mut key = 0;
     while let Ok(range) = t.allocate(key, 1000) {
         assert!(
-            !range.overlaps(&portslice_crds::NODE_PORT_RANGE),
+            !range.overlaps(&portslice_ports::DEFAULT_NODE_PORT_RANGE),
             "{range} is in the NodePort range"
-        );
-        assert!(
-            range.start >= FIRST_UNPRIVILEGED_PORT,
-            "{range} is privileged"
         );
         key += 1;
     }
+    assert_eq!(t.stats().free, t.stats().size - 1000 * key);
 }
 
 #[test]
@@ -110,10 +116,9 @@ fn a_failed_record_keeps_the_previous_range() {
 #[test]
 fn rebuild_lets_the_first_given_keep_overlapping_ports() {
     let (t, rejected) = Allocator::rebuild(
-        &[r(40000, 40099)],
+        pool(&[r(40000, 40099)]),
         [(1u32, r(40000, 40009)), (2, r(40005, 40015))],
-    )
-    .unwrap();
+    );
     assert_eq!(t.get(&1), Some(r(40000, 40009)));
     assert_eq!(t.get(&2), None);
     assert_eq!(rejected.len(), 1);
@@ -186,7 +191,7 @@ proptest! {
 
     #[test]
     fn ranges_never_overlap_and_first_fit_holds(pools in pools(), ops in prop::collection::vec(op(), 1..120)) {
-        let mut t: Allocator<u32> = Allocator::new(&pools).unwrap();
+        let mut t: Allocator<u32> = Allocator::new(pool(&pools));
         for op in ops {
             match op {
                 Op::Allocate(k, n) => {
@@ -205,14 +210,14 @@ proptest! {
                 Op::Release(k) => { t.release(&k); }
             }
             assert_disjoint(&t);
-            let used: u32 = t.iter().map(|(_, r)| ports_in_pool(t.pools(), &r)).sum();
+            let used: u32 = t.iter().map(|(_, r)| RangeSet::new(t.pools().iter().copied()).count_in(&r)).sum();
             prop_assert_eq!(t.stats().used, used);
         }
     }
 
     #[test]
     fn releasing_everything_leaks_nothing(pools in pools(), ops in prop::collection::vec(op(), 1..120)) {
-        let mut t: Allocator<u32> = Allocator::new(&pools).unwrap();
+        let mut t: Allocator<u32> = Allocator::new(pool(&pools));
         for op in ops {
             match op {
                 Op::Allocate(k, n) => { let _ = t.allocate(k, n); }
@@ -230,7 +235,7 @@ proptest! {
 
     #[test]
     fn rebuild_from_statuses_gives_the_same_table(pools in pools(), ops in prop::collection::vec(op(), 1..120)) {
-        let mut t: Allocator<u32> = Allocator::new(&pools).unwrap();
+        let mut t: Allocator<u32> = Allocator::new(pool(&pools));
         for op in ops {
             match op {
                 Op::Allocate(k, n) => { let _ = t.allocate(k, n); }
@@ -241,7 +246,7 @@ proptest! {
         // What a restarted operator sees: every (slice, status.range), in any order.
         let mut statuses: Vec<(u32, PortRange)> = t.iter().map(|(k, r)| (*k, r)).collect();
         statuses.reverse();
-        let (rebuilt, rejected) = Allocator::rebuild(&pools, statuses).unwrap();
+        let (rebuilt, rejected) = Allocator::rebuild(pool(&pools), statuses);
         prop_assert!(rejected.is_empty());
         let a: Vec<_> = t.iter().map(|(k, r)| (*k, r)).collect();
         let b: Vec<_> = rebuilt.iter().map(|(k, r)| (*k, r)).collect();

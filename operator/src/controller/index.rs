@@ -18,7 +18,7 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use portslice_crds::{PortRange, PortSlice};
 
-use crate::allocator::{Age, AllocError, Allocator, Claim, PoolError, PoolStats, older_claim};
+use crate::allocator::{Age, AllocError, Allocator, Claim, Pool, PoolStats, older_claim};
 
 /// Identity of one PortSlice object (a recreated slice with the same name is a different one).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -84,7 +84,7 @@ type Listed = (SliceId, Age, Option<PortRange>, Option<PortRange>);
 
 pub struct SliceIndex {
     table: Allocator<SliceId>,
-    pools: Vec<PortRange>,
+    pool: Pool,
     synced: bool,
     /// Objects of a list in progress (between watcher Init and InitDone).
     relist: Option<Vec<Listed>>,
@@ -95,15 +95,15 @@ pub struct SliceIndex {
 }
 
 impl SliceIndex {
-    pub fn new(pools: &[PortRange]) -> Result<Self, PoolError> {
-        Ok(Self {
-            table: Allocator::new(pools)?,
-            pools: pools.to_vec(),
+    pub fn new(pool: Pool) -> Self {
+        Self {
+            table: Allocator::new(pool.clone()),
+            pool,
             synced: false,
             relist: None,
             claims: HashMap::new(),
             waiting: HashSet::new(),
-        })
+        }
     }
 
     /// True once a complete list of slices has been seen.
@@ -175,14 +175,10 @@ impl SliceIndex {
             .filter_map(|(id, age, r, _)| r.map(|r| (id, age, r)))
             .collect();
         held.sort_by(|a, b| a.1.cmp(b.1));
-        let (mut table, rejected) = match Allocator::rebuild(
-            &self.pools,
+        let (mut table, rejected) = Allocator::rebuild(
+            self.pool.clone(),
             held.iter().map(|(id, _, r)| ((*id).clone(), *r)),
-        ) {
-            Ok(rebuilt) => rebuilt,
-            // The pools were accepted by `new`; rebuilding over them cannot fail.
-            Err(_) => return seen,
-        };
+        );
         for (id, err) in rejected {
             if let (AllocError::Conflict { holder, .. }, Some(r)) =
                 (err, held.iter().find(|h| *h.0 == id).map(|h| h.2))
@@ -362,11 +358,15 @@ mod tests {
     }
 
     fn index() -> SliceIndex {
-        SliceIndex::new(&[PortRange {
-            start: 40000,
-            end: 40099,
-        }])
-        .unwrap()
+        let pool = Pool::new(
+            [PortRange {
+                start: 40000,
+                end: 40099,
+            }],
+            portslice_ports::DEFAULT_NODE_PORT_RANGE,
+        )
+        .expect("a valid pool");
+        SliceIndex::new(pool)
     }
 
     fn sync(ix: &mut SliceIndex, objs: &[PortSlice]) -> Observed {

@@ -146,7 +146,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
     let shared = Arc::new(Shared {
-        index: Mutex::new(SliceIndex::new(&config.pools)?),
+        index: Mutex::new(SliceIndex::new(config.pool.clone())),
         pods_synced: AtomicBool::new(false),
         metrics: metrics.clone(),
         health,

@@ -10,7 +10,7 @@ use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
-use portslice_crds::{FINALIZER, PortRange, PortSlice, PortSliceStatus, conditions};
+use portslice_crds::{FINALIZER, PortSlice, PortSliceStatus, conditions};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
@@ -179,7 +179,7 @@ fn decide(obj: &PortSlice, ctx: &Context) -> Outcome {
                 message: format!(
                     "no free run of {size} ports left in the pool {} (largest free run: {largest_free}); \
                      waiting for a slice to be deleted",
-                    pools_text(&ctx.config.pools)
+                    ctx.config.pool
                 ),
             },
             Err(e) => Outcome::Invalid {
@@ -360,12 +360,4 @@ async fn publish(ctx: &Context, obj: &PortSlice, outcome: &Outcome) {
     if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
         warn!(error = %e, "failed to publish event");
     }
-}
-
-fn pools_text(pools: &[PortRange]) -> String {
-    pools
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
 }

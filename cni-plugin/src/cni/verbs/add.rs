@@ -17,10 +17,10 @@ use crate::cni::config::{Envelope, PluginConfig};
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, code};
 use crate::cni::result::{CniResult, PodAddress};
-use crate::datapath::{PinnedDatapath, PodAttachment, SliceBinding};
-use crate::netns::plan::PodWiring;
-use crate::netns::{thread::in_netns, wiring};
-use crate::slice_source::{Slice, asks_for_slice};
+use crate::slice_source::asks_for_slice;
+use portslice_datapath::{PinnedDatapath, PodAttachment, SliceBinding};
+use portslice_netns::plan::PodWiring;
+use portslice_netns::{thread::in_netns, wiring};
 
 pub fn add(env: &CniEnv, envelope: &Envelope) -> Result<String, CniError> {
     let prev = envelope.prev_result().ok_or_else(|| {
@@ -93,7 +93,7 @@ fn add_slice_pod(
     env: &CniEnv,
     conf: &PluginConfig,
     prev: &Value,
-    slice: &Slice,
+    slice: &SliceBinding,
 ) -> Result<String, CniError> {
     let prev = CniResult::from_value(prev.clone())?;
     let pod = prev.pod_address(&env.ifname)?;
@@ -110,7 +110,12 @@ fn not_a_veth(env: &CniEnv) -> CniError {
     .with_details("portslice needs the primary plugin to connect pods to the node with veth pairs")
 }
 
-pub fn wiring_for(env: &CniEnv, conf: &PluginConfig, pod: &PodAddress, slice: &Slice) -> PodWiring {
+pub fn wiring_for(
+    env: &CniEnv,
+    conf: &PluginConfig,
+    pod: &PodAddress,
+    slice: &SliceBinding,
+) -> PodWiring {
     PodWiring {
         ifname: env.ifname.clone(),
         node_ip: conf.node_ip,
@@ -126,9 +131,9 @@ fn wire_slice_pod(
     env: &CniEnv,
     conf: &PluginConfig,
     pod: &PodAddress,
-    slice: &Slice,
+    slice: &SliceBinding,
 ) -> Result<(), CniError> {
-    let mut dp = PinnedDatapath::open(&conf.pin_root).map_err(|_| not_loaded(&conf.pin_root))?;
+    let mut dp = open_datapath(&conf.pin_root)?.ok_or_else(|| not_loaded(&conf.pin_root))?;
     refuse_second_sliver(&dp, env, slice)?;
     tracing::debug!("datapath opened, no other sliver of the slice here");
 
@@ -152,26 +157,26 @@ fn wire_slice_pod(
         container_id: env.container_id.clone(),
         host_veth_ifindex: host_ifindex,
         pod_private_ip: pod.private.addr,
-        slice: Some(SliceBinding {
-            slice_key: slice.name.clone(),
-            range: slice.range,
-            protocols: slice.protocols.clone(),
-        }),
+        slice: Some(slice.clone()),
     };
     if let Err(e) = dp.attach_pod(&attachment) {
         // attach_pod undoes its own partial work; ours is the netns.
         undo_netns();
         return Err(datapath_err(
-            &format!("attaching slice {} to the datapath failed", slice.name),
+            &format!("attaching slice {} to the datapath failed", slice.slice_key),
             e,
         ));
     }
-    tracing::info!(slice = %slice.name, range = %slice.range, host_ifindex, "slice pod wired");
+    tracing::info!(slice = %slice.slice_key, range = %slice.range, host_ifindex, "slice pod wired");
     Ok(())
 }
 
 /// One sliver per slice per node: the same range may not belong to two pods here.
-fn refuse_second_sliver(dp: &PinnedDatapath, env: &CniEnv, slice: &Slice) -> Result<(), CniError> {
+fn refuse_second_sliver(
+    dp: &PinnedDatapath,
+    env: &CniEnv,
+    slice: &SliceBinding,
+) -> Result<(), CniError> {
     let pods = dp
         .list_pods()
         .map_err(|e| datapath_err("listing the pods in the datapath failed", e))?;
@@ -179,13 +184,13 @@ fn refuse_second_sliver(dp: &PinnedDatapath, env: &CniEnv, slice: &Slice) -> Res
         p.container_id != env.container_id
             && p.slice
                 .as_ref()
-                .is_some_and(|s| s.slice_key == slice.name || s.range.overlaps(&slice.range))
+                .is_some_and(|s| s.slice_key == slice.slice_key || s.range.overlaps(&slice.range))
     });
     match clash {
         None => Ok(()),
         Some(other) => Err(CniError::new(
             code::SLIVER_EXISTS,
-            format!("slice {} already has a pod on this node", slice.name),
+            format!("slice {} already has a pod on this node", slice.slice_key),
         )
         .with_details(format!(
             "container {} holds ports {}; a slice has at most one pod per node (schedule the pods apart, e.g. with pod anti-affinity)",

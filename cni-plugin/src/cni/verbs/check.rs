@@ -7,13 +7,11 @@ use std::path::PathBuf;
 
 use super::add::wiring_for;
 use super::slice::find_slice;
-use super::{netns_err, not_loaded};
+use super::{netns_err, not_loaded, open_datapath};
 use crate::cni::config::PluginConfig;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, code};
-use crate::datapath::PinnedDatapath;
-use crate::netns::{NetnsError, thread::in_netns, wiring};
-use crate::slice_source::Slice;
+use portslice_netns::{NetnsError, thread::in_netns, wiring};
 
 pub fn check(env: &CniEnv, conf: &PluginConfig) -> Result<(), CniError> {
     if !conf.version.has_check() {
@@ -29,16 +27,24 @@ pub fn check(env: &CniEnv, conf: &PluginConfig) -> Result<(), CniError> {
         .prev_result
         .as_ref()
         .ok_or_else(|| CniError::new(code::INVALID_NETWORK_CONFIG, "CHECK needs prevResult"))?;
-    let dp = PinnedDatapath::open(&conf.pin_root).ok();
+    let dp = match open_datapath(&conf.pin_root) {
+        Ok(dp) => dp,
+        // A datapath we cannot open fails only the pods that are in a slice.
+        Err(e) => {
+            return match find_slice(env, conf)? {
+                Some(_) => Err(e),
+                None => {
+                    tracing::warn!(error = %e, "the datapath cannot be opened; a pod without a slice passes CHECK");
+                    Ok(())
+                }
+            };
+        }
+    };
     // What we attached is recorded in the datapath; the API server is asked only when the
     // record is missing, to tell a plain pod from a slice pod whose entry vanished.
     let recorded = dp.as_ref().and_then(|dp| dp.find_pod(&env.container_id));
     let slice = match &recorded {
-        Some(a) => a.slice.as_ref().map(|s| Slice {
-            name: s.slice_key.clone(),
-            range: s.range,
-            protocols: s.protocols.clone(),
-        }),
+        Some(a) => a.slice.clone(),
         None => find_slice(env, conf)?,
     };
     let Some(slice) = slice else {
@@ -55,7 +61,10 @@ pub fn check(env: &CniEnv, conf: &PluginConfig) -> Result<(), CniError> {
         (Some(_), None) => {
             return Err(CniError::new(
                 code::CHECK_FAILED,
-                format!("slice {} has no datapath entry for this pod", slice.name),
+                format!(
+                    "slice {} has no datapath entry for this pod",
+                    slice.slice_key
+                ),
             ));
         }
     };

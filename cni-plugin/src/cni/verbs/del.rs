@@ -12,7 +12,7 @@ use super::{datapath_err, netns_err, open_datapath};
 use crate::cni::config::Envelope;
 use crate::cni::env::CniEnv;
 use crate::cni::error::CniError;
-use crate::netns::{NetnsError, thread::in_netns, wiring};
+use portslice_netns::{NetnsError, thread::in_netns, wiring};
 
 pub fn del(env: &CniEnv, stdin: &str) -> Result<(), CniError> {
     // A config we cannot read still names no pin root or node address: fall back to defaults.

@@ -41,11 +41,10 @@ pub fn gc(conf: &PluginConfig) -> Result<(), CniError> {
 /// Ready when the node daemon has the datapath loaded.
 pub fn status(conf: &PluginConfig) -> Result<(), CniError> {
     needs_110(conf, "STATUS")?;
-    match open_datapath(&conf.pin_root)? {
-        Some(_) => Ok(()),
-        None => {
-            let e = not_loaded(&conf.pin_root);
-            Err(CniError::new(code::PLUGIN_NOT_AVAILABLE, e.msg).with_details(e.details))
-        }
-    }
+    let e = match open_datapath(&conf.pin_root) {
+        Ok(Some(_)) => return Ok(()),
+        Ok(None) => not_loaded(&conf.pin_root),
+        Err(e) => e,
+    };
+    Err(CniError::new(code::PLUGIN_NOT_AVAILABLE, e.msg).with_details(e.details))
 }

@@ -13,7 +13,7 @@ use super::config::{Envelope, PluginConfig, peek_version};
 use super::env::{CniEnv, Command};
 use super::error::{CniError, code};
 use super::version::version_reply;
-use crate::datapath::{DatapathError, PinnedDatapath};
+use portslice_datapath::{DatapathError, PinnedDatapath};
 
 /// Runs one invocation. `Ok(Some(json))` is printed on stdout, `Ok(None)` prints nothing.
 pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
@@ -49,13 +49,11 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
         .map_err(|e| e.in_version(conf.version.as_str()))
 }
 
-/// Opens the datapath the daemon pinned; `Ok(None)` when it is not loaded.
+/// Opens the datapath the daemon pinned, the one way every verb does: `Ok(None)` when nothing is
+/// pinned, an error when what is pinned cannot be used.
 fn open_datapath(pin_root: &Path) -> Result<Option<PinnedDatapath>, CniError> {
-    match PinnedDatapath::open(pin_root) {
-        Ok(dp) => Ok(Some(dp)),
-        Err(DatapathError::NotLoaded { .. }) => Ok(None),
-        Err(e) => Err(datapath_err("opening the PortSlice datapath failed", e)),
-    }
+    PinnedDatapath::open_if_loaded(pin_root)
+        .map_err(|e| datapath_err("opening the PortSlice datapath failed", e))
 }
 
 fn datapath_err(msg: &str, e: DatapathError) -> CniError {
@@ -77,6 +75,6 @@ fn not_loaded(pin_root: &Path) -> CniError {
     ))
 }
 
-fn netns_err(msg: &str, e: crate::netns::NetnsError) -> CniError {
+fn netns_err(msg: &str, e: portslice_netns::NetnsError) -> CniError {
     CniError::new(code::NETNS_SETUP, msg).with_details(e.to_string())
 }

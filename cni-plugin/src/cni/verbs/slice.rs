@@ -3,9 +3,9 @@
 use crate::cni::config::PluginConfig;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, code};
-use crate::slice_source::{Lookup, PlanInput, PodIdentity, Slice, kube_lookup, plan};
+use crate::slice_source::{Lookup, PlanInput, PodIdentity, SliceBinding, kube_lookup, plan};
 
-pub fn find_slice(env: &CniEnv, conf: &PluginConfig) -> Result<Option<Slice>, CniError> {
+pub fn find_slice(env: &CniEnv, conf: &PluginConfig) -> Result<Option<SliceBinding>, CniError> {
     let pod = PodIdentity::from_args(&env.args);
     let input = PlanInput {
         args: &env.args,

@@ -1,0 +1,481 @@
+//! The eBPF datapath: C programs in `bpf/` (built by `build.rs`), their map ABI ([`abi`]), the
+//! daemon-side loader ([`loader`]) and the API the CNI plugin calls ([`PinnedDatapath`]).
+//!
+//! # Pinned layout (one source of truth for every process)
+//!
+//! ```text
+//! <pin root>/maps/<map>            every map of bpf/portslice_abi.h (pinned by name; reused on restart)
+//! <pin root>/progs/ps_ingress      uplink + lo ingress program
+//! <pin root>/progs/ps_pod_egress   host-side veth ingress program (what a pod sends)
+//! <pin root>/links/uplink, lo      tcx links of ps_ingress
+//! <pin root>/links/pod-<ifindex>   tcx link of ps_pod_egress on a pod's host-side veth
+//! ```
+//!
+//! The daemon (`portslice daemon`) loads and pins all of it; the CNI plugin only opens the pins:
+//!
+//! ```no_run
+//! # use portslice_datapath::*;
+//! # use std::path::Path;
+//! # fn f(pod: &PodAttachment) -> Result<(), DatapathError> {
+//! let mut dp = PinnedDatapath::open(Path::new(DEFAULT_PIN_ROOT))?; // NotLoaded if the daemon is not up
+//! dp.attach_pod(pod)?;                         // ADD (idempotent)
+//! dp.check_pod(pod)?;                          // CHECK
+//! dp.detach_pod(&pod.container_id, Some(pod.host_veth_ifindex))?; // DEL (idempotent)
+//! let _all = dp.list_pods()?;                  // GC
+//! # Ok(()) }
+//! ```
+//!
+//! The caller must be in the node's network namespace (the interface is named by ifindex and its
+//! sysctls are written under /proc/sys/net, both per-netns). `attach_pod` also sets, on the host
+//! veth, `accept_local=1` and `rp_filter=0`: packets from a slice pod carry the node address as
+//! source, which the host would otherwise drop as martian.
+//!
+//! What the CNI plugin still owns: inside the pod, the node address /32, routes, policy rules and
+//! `ip_local_port_range`; the datapath never enters the pod's netns.
+#![deny(rust_2018_idioms)]
+
+pub mod abi;
+mod attach;
+pub mod loader;
+pub mod table;
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+pub use attach::AttachMode;
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use portslice_netns::{NetnsError, iface, sysctl};
+pub use portslice_ports::{PortRange, Protocol};
+
+/// Where the daemon pins everything unless told otherwise.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/portslice";
+
+/// The compiled eBPF object (clang, `bpf/portslice.bpf.c`).
+pub static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portslice.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// Nothing is pinned there: the daemon has not loaded the datapath (yet).
+    #[error(
+        "the PortSlice datapath is not loaded at {pin_root}: is the portslice node daemon running? ({detail})"
+    )]
+    NotLoaded { pin_root: PathBuf, detail: String },
+    /// Something is pinned there but cannot be used (another layout, a corrupt pin).
+    #[error("the pinned datapath at {path} is unusable: {detail}")]
+    Pin { path: PathBuf, detail: String },
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(String),
+    #[error("attaching to {ifname}: {detail}")]
+    Attach { ifname: String, detail: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid attachment: {0}")]
+    Invalid(String),
+    #[error("{protocol} port {port} already belongs to another pod (host interface index {owner})")]
+    PortTaken {
+        protocol: &'static str,
+        port: u16,
+        owner: u32,
+    },
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("datapath check failed for container {container_id}: {detail}")]
+    CheckFailed {
+        container_id: String,
+        detail: String,
+    },
+    #[error("{} errors: {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Many(Vec<DatapathError>),
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+/// A pinned map of the wrong type or shape: not our layout.
+fn pin_err(pin_root: &Path, map: &'static str) -> impl Fn(MapError) -> DatapathError {
+    let path = pin_root.join("maps").join(map);
+    move |source| DatapathError::Pin {
+        path: path.clone(),
+        detail: source.to_string(),
+    }
+}
+
+/// A pod's slice, as the datapath needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceBinding {
+    /// `namespace/name` of the PortSlice; the label of the per-slice metrics.
+    pub slice_key: String,
+    /// The slice's range on the node address.
+    pub range: PortRange,
+    /// Protocols whose ports the slice owns (ICMP echo ids are always confined to `range`).
+    pub protocols: Vec<Protocol>,
+}
+
+/// One pod as wired into the datapath. Everything here is stored in pinned maps, so
+/// [`PinnedDatapath::list_pods`] returns exactly what was attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodAttachment {
+    /// CNI_CONTAINERID (at most 127 bytes).
+    pub container_id: String,
+    /// Index of the pod's veth end in the node netns.
+    pub host_veth_ifindex: u32,
+    /// The primary CNI's address of the pod (its traffic is never touched).
+    pub pod_private_ip: Ipv4Addr,
+    /// `None`: a pod without a slice. It gets only the steering that lets it reach slice pods on
+    /// the node address (matrix row 4); its traffic otherwise passes untouched.
+    pub slice: Option<SliceBinding>,
+}
+
+/// Handle on the maps and programs the daemon pinned. Cheap to open; holds only file descriptors.
+pub struct PinnedDatapath {
+    pin_root: PathBuf,
+    mode: AttachMode,
+    port_owner: Array<MapData, abi::PortOwner>,
+    pods: HashMap<MapData, u32, abi::PodInfo>,
+    pod_stats: HashMap<MapData, u32, abi::PodStats>,
+    pod_meta: HashMap<MapData, abi::MetaKey, abi::PodMeta>,
+    global_stats: Array<MapData, u64>,
+}
+
+/// Opens one pinned map: [`DatapathError::NotLoaded`] when its pin is absent, [`DatapathError::Pin`]
+/// when a pin is there but unusable. Every caller opens the datapath through this one path, so a
+/// corrupt pin is an error for every verb, never "not loaded" for some.
+fn open_map(pin_root: &Path, name: &'static str) -> Result<Map, DatapathError> {
+    let path = pin_root.join("maps").join(name);
+    if !path.exists() {
+        return Err(DatapathError::NotLoaded {
+            pin_root: pin_root.to_path_buf(),
+            detail: format!("{} is absent", path.display()),
+        });
+    }
+    let data = MapData::from_pin(&path).map_err(|e| DatapathError::Pin {
+        path: path.clone(),
+        detail: e.to_string(),
+    })?;
+    Map::from_map_data(data).map_err(|e| DatapathError::Pin {
+        path,
+        detail: e.to_string(),
+    })
+}
+
+/// Writes `net.ipv4.conf.<ifname>.<key>` of the calling thread's netns.
+fn write_if_sysctl(ifname: &str, key: &str, value: &str) -> Result<(), DatapathError> {
+    Ok(sysctl::write(
+        &sysctl::Key::interface("ipv4", ifname, key),
+        value,
+    )?)
+}
+
+pub(crate) fn pod_link_pin(pin_root: &Path, ifindex: u32) -> PathBuf {
+    pin_root.join("links").join(format!("pod-{ifindex}"))
+}
+
+impl PinnedDatapath {
+    /// Opens the pinned maps. Fails with [`DatapathError::NotLoaded`] when the daemon has not
+    /// (yet) loaded the datapath at `pin_root`, with [`DatapathError::Pin`] when what is pinned
+    /// there cannot be used.
+    pub fn open(pin_root: &Path) -> Result<Self, DatapathError> {
+        let get = |name: &'static str| open_map(pin_root, name);
+        Ok(Self {
+            pin_root: pin_root.to_path_buf(),
+            mode: AttachMode::detect(),
+            port_owner: get(abi::map::PORT_OWNER)?
+                .try_into()
+                .map_err(pin_err(pin_root, abi::map::PORT_OWNER))?,
+            pods: get(abi::map::PODS)?
+                .try_into()
+                .map_err(pin_err(pin_root, abi::map::PODS))?,
+            pod_stats: get(abi::map::POD_STATS)?
+                .try_into()
+                .map_err(pin_err(pin_root, abi::map::POD_STATS))?,
+            pod_meta: get(abi::map::POD_META)?
+                .try_into()
+                .map_err(pin_err(pin_root, abi::map::POD_META))?,
+            global_stats: get(abi::map::GLOBAL_STATS)?
+                .try_into()
+                .map_err(pin_err(pin_root, abi::map::GLOBAL_STATS))?,
+        })
+    }
+
+    /// [`Self::open`], with "not loaded" as `None`: a pod without a slice passes through then.
+    pub fn open_if_loaded(pin_root: &Path) -> Result<Option<Self>, DatapathError> {
+        match Self::open(pin_root) {
+            Ok(dp) => Ok(Some(dp)),
+            Err(DatapathError::NotLoaded { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        &self.pin_root
+    }
+
+    /// Steers the slice's ports to this pod and enforces its egress. Idempotent: the same
+    /// attachment again is a no-op; a changed one replaces the old. Undoes itself on failure.
+    pub fn attach_pod(&mut self, pod: &PodAttachment) -> Result<(), DatapathError> {
+        let (key, meta) = table::meta_of(pod)?;
+        if let Ok(old) = self.pod_meta.get(&key, 0) {
+            if old == meta && self.link_ok(pod.host_veth_ifindex) {
+                return Ok(());
+            }
+            self.detach_pod(&pod.container_id, Some(old.host_ifindex))?;
+        }
+        let ifname = iface::name_of(pod.host_veth_ifindex)?;
+        let result = self.attach_inner(pod, &ifname, key, meta);
+        if result.is_err() {
+            let _ = self.detach_pod(&pod.container_id, Some(pod.host_veth_ifindex));
+        }
+        result
+    }
+
+    fn attach_inner(
+        &mut self,
+        pod: &PodAttachment,
+        ifname: &str,
+        key: abi::MetaKey,
+        meta: abi::PodMeta,
+    ) -> Result<(), DatapathError> {
+        let ifindex = pod.host_veth_ifindex;
+        let owner = abi::PortOwner {
+            host_ifindex: ifindex,
+            flags: table::pod_flags(pod),
+        };
+        let keys = table::port_keys(pod);
+        // Refuse before writing anything: a port held by another pod stays with it.
+        for &k in &keys {
+            let cur = self
+                .port_owner
+                .get(&k, 0)
+                .map_err(map_err(abi::map::PORT_OWNER))?;
+            if cur.host_ifindex != 0 && cur.host_ifindex != ifindex {
+                return Err(table::taken(k, cur.host_ifindex));
+            }
+        }
+        self.pod_meta
+            .insert(key, meta, 0)
+            .map_err(map_err(abi::map::POD_META))?;
+        self.pods
+            .insert(ifindex, table::pod_info(pod), 0)
+            .map_err(map_err(abi::map::PODS))?;
+        self.pod_stats
+            .insert(ifindex, abi::PodStats::default(), 0)
+            .map_err(map_err(abi::map::POD_STATS))?;
+        for &k in &keys {
+            self.port_owner
+                .set(k, owner, 0)
+                .map_err(map_err(abi::map::PORT_OWNER))?;
+        }
+        // The pod's packets carry the node address as source: without these the host drops
+        // them as martians before our hairpin/host-port paths see them.
+        write_if_sysctl(ifname, "accept_local", "1")?;
+        write_if_sysctl(ifname, "rp_filter", "0")?;
+        let pin = pod_link_pin(&self.pin_root, ifindex);
+        if !self.link_ok(ifindex) {
+            let _ = self.mode.detach(ifname, &pin);
+            let mut prog = loader::pinned_program(&self.pin_root, abi::prog::POD_EGRESS)?;
+            self.mode.attach(&mut prog, ifname, &pin)?;
+        }
+        tracing::debug!(container_id = %pod.container_id, ifname, ports = keys.len(), "pod attached");
+        Ok(())
+    }
+
+    fn link_ok(&self, ifindex: u32) -> bool {
+        let pin = pod_link_pin(&self.pin_root, ifindex);
+        match iface::name_of(ifindex) {
+            Ok(name) => self.mode.is_attached(&name, &pin),
+            Err(_) => false,
+        }
+    }
+
+    /// Undoes [`attach_pod`](Self::attach_pod). Succeeds when nothing is there (CNI DEL is
+    /// idempotent). `host_veth_ifindex` cleans up by interface when the container id is unknown.
+    /// Collects errors and carries on, then reports them all.
+    pub fn detach_pod(
+        &mut self,
+        container_id: &str,
+        host_veth_ifindex: Option<u32>,
+    ) -> Result<(), DatapathError> {
+        let mut errors = Vec::new();
+        let key = abi::fixed(container_id).map(|c| abi::MetaKey { container_id: c });
+        let meta = key.as_ref().and_then(|k| self.pod_meta.get(k, 0).ok());
+        let ifindex = meta.map(|m| m.host_ifindex).or(host_veth_ifindex);
+        if let Some(ifindex) = ifindex {
+            // Walk only the pod's range, and free only slots that still point at this pod:
+            // never a port someone else holds.
+            let info = self.pods.get(&ifindex, 0).ok();
+            let range = meta
+                .filter(|m| m.has_slice != 0)
+                .map(|m| (m.port_lo, m.port_hi))
+                .or(info
+                    .filter(|i| i.flags & abi::F_SLICE != 0)
+                    .map(|i| (i.port_lo, i.port_hi)));
+            if let Some((lo, hi)) = range {
+                for tcp in [true, false] {
+                    for port in lo..=hi {
+                        let k = abi::port_key(tcp, port);
+                        match self.port_owner.get(&k, 0) {
+                            Ok(o) if o.host_ifindex == ifindex => {
+                                if let Err(e) = self.port_owner.set(k, abi::PortOwner::default(), 0)
+                                {
+                                    errors.push(map_err(abi::map::PORT_OWNER)(e));
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => errors.push(map_err(abi::map::PORT_OWNER)(e)),
+                        }
+                    }
+                }
+            }
+            ignore_missing(self.pods.remove(&ifindex), abi::map::PODS, &mut errors);
+            ignore_missing(
+                self.pod_stats.remove(&ifindex),
+                abi::map::POD_STATS,
+                &mut errors,
+            );
+            let pin = pod_link_pin(&self.pin_root, ifindex);
+            // The interface may be gone already (netns deleted): the pin still has to go.
+            let ifname = iface::name_of(ifindex).unwrap_or_default();
+            if let Err(e) = self.mode.detach(&ifname, &pin) {
+                errors.push(e);
+            }
+        }
+        if let Some(k) = key {
+            ignore_missing(self.pod_meta.remove(&k), abi::map::POD_META, &mut errors);
+        }
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(DatapathError::Many(errors)),
+        }
+    }
+
+    /// For CNI CHECK: the stored attachment equals `pod`, every port of its range points at
+    /// its host veth, and the program is attached there.
+    pub fn check_pod(&self, pod: &PodAttachment) -> Result<(), DatapathError> {
+        let fail = |detail: String| DatapathError::CheckFailed {
+            container_id: pod.container_id.clone(),
+            detail,
+        };
+        let (key, meta) = table::meta_of(pod)?;
+        let stored = self
+            .pod_meta
+            .get(&key, 0)
+            .map_err(|_| fail("no datapath state for this container".into()))?;
+        if stored != meta {
+            return Err(fail(format!(
+                "stored attachment differs: {:?}",
+                table::attachment_of(&pod.container_id, &stored)
+            )));
+        }
+        let info = self
+            .pods
+            .get(&pod.host_veth_ifindex, 0)
+            .map_err(|_| fail("host veth not in the pods map".into()))?;
+        if info != table::pod_info(pod) {
+            return Err(fail("pods map entry differs".into()));
+        }
+        for k in table::port_keys(pod) {
+            let o = self
+                .port_owner
+                .get(&k, 0)
+                .map_err(map_err(abi::map::PORT_OWNER))?;
+            if o.host_ifindex != pod.host_veth_ifindex {
+                return Err(fail(format!(
+                    "port table key {k} points at ifindex {}",
+                    o.host_ifindex
+                )));
+            }
+        }
+        if !self.link_ok(pod.host_veth_ifindex) {
+            return Err(fail("egress program not attached to the host veth".into()));
+        }
+        Ok(())
+    }
+
+    /// The attachment stored for `container_id`, if any.
+    pub fn find_pod(&self, container_id: &str) -> Option<PodAttachment> {
+        let key = abi::MetaKey {
+            container_id: abi::fixed(container_id)?,
+        };
+        let meta = self.pod_meta.get(&key, 0).ok()?;
+        Some(table::attachment_of(container_id, &meta))
+    }
+
+    /// Every attachment stored in the pinned maps (for CNI GC and daemon reconcile).
+    pub fn list_pods(&self) -> Result<Vec<PodAttachment>, DatapathError> {
+        let mut out = Vec::new();
+        for item in self.pod_meta.iter() {
+            let (k, m) = item.map_err(map_err(abi::map::POD_META))?;
+            out.push(table::attachment_of(&abi::unfixed(&k.container_id), &m));
+        }
+        out.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        Ok(out)
+    }
+
+    /// Removes every attachment whose container id is not in `valid` (CNI GC). Returns the ids
+    /// removed. Never a substitute for DEL.
+    pub fn gc(&mut self, valid: &[String]) -> Result<Vec<String>, DatapathError> {
+        let mut removed = Vec::new();
+        let mut errors = Vec::new();
+        for pod in self.list_pods()? {
+            if valid.contains(&pod.container_id) {
+                continue;
+            }
+            match self.detach_pod(&pod.container_id, Some(pod.host_veth_ifindex)) {
+                Ok(()) => removed.push(pod.container_id),
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(removed)
+        } else {
+            Err(DatapathError::Many(errors))
+        }
+    }
+
+    /// Per-pod counters, by host veth ifindex.
+    pub fn pod_stats(&self) -> Result<BTreeMap<u32, abi::PodStats>, DatapathError> {
+        let mut out = BTreeMap::new();
+        for item in self.pod_stats.iter() {
+            let (k, v) = item.map_err(map_err(abi::map::POD_STATS))?;
+            out.insert(k, v);
+        }
+        Ok(out)
+    }
+
+    /// Node-wide counters, by name (see [`abi::GLOBAL_STATS`]).
+    pub fn global_stats(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+        abi::GLOBAL_STATS
+            .iter()
+            .map(|&(i, name)| {
+                self.global_stats
+                    .get(&i, 0)
+                    .map(|v| (name, v))
+                    .map_err(map_err(abi::map::GLOBAL_STATS))
+            })
+            .collect()
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>, map: &'static str, errors: &mut Vec<DatapathError>) {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => {}
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => errors.push(DatapathError::Map { map, source: e }),
+    }
+}
