@@ -6,7 +6,7 @@ export CARGO_TERM_COLOR ?= never
 .PHONY: help test lint unit crds it-operator it-datapath e2e bench bench-operator bench-datapath up down
 
 help:
-	@echo "make up      - local single-node cluster with the chart installed and examples serving"
+	@echo "make up      - a 3-node kind cluster built here, the chart installed and examples serving"
 	@echo "make test    - every test: lint, unit, operator vs real API server, datapath in netns, e2e"
 	@echo "make bench   - benchmarks; tables go to docs/BENCHMARKS.md"
 	@echo "make crds    - regenerate the CRD YAML from the Rust types"
@@ -47,4 +47,4 @@ up:
 	bash e2e/scripts/up.sh
 
 down:
-	bash e2e/scripts/cluster.sh down
+	bash e2e/scripts/kind.sh down

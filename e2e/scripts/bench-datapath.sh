@@ -26,11 +26,14 @@ stage "bpffs" ensure_bpffs
 cd "$REPO_ROOT"
 # Release build: the clients and servers of the benchmark are Rust code in the test binary,
 # which then runs directly (not through cargo, so another build holding cargo's lock on the
-# shared target dir cannot stall or skew the measurement).
+# shared target dir cannot stall or skew the measurement). --quick only keeps the benchmark from
+# rotting and asserts nothing about speed: it reuses the tests' debug build.
+profile_flag=(--release)
+[ "$quick" -eq 1 ] && profile_flag=()
 build() {
     # Not `tee /dev/stderr`: when stderr is a file, opening it again truncates the whole log.
     local out status=0
-    out=$(cargo test -p portslice-cni --release --test bench --no-run 2>&1) || status=$?
+    out=$(cargo test -p portslice-cni "${profile_flag[@]}" --test bench --no-run 2>&1) || status=$?
     printf '%s\n' "$out" >&2
     [ "$status" -eq 0 ] || return "$status"
     printf '%s\n' "$out" | sed -n 's/.*Executable .*(\(.*\))$/\1/p' > "$bin_file"

@@ -6,11 +6,11 @@
 # ./staging, which the module zip does not contain. A wrapper module replaces each of them with
 # the published v0.X.Y release of the same version, read from k8s.io/kubernetes' own go.mod.
 #
-# usage: build-k8s.sh [binary...]   (default: the binaries a local cluster needs)
+# usage: build-k8s.sh [binary...]   (default: all seven: the API server for the tests, the rest for kind)
 source "$(dirname "$0")/lib.sh"
 
 binaries=("$@")
-[ ${#binaries[@]} -eq 0 ] && binaries=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
+[ ${#binaries[@]} -eq 0 ] && binaries=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl kubeadm)
 
 todo=()
 for b in "${binaries[@]}"; do [ -x "$K8S_BIN/$b" ] || todo+=("$b"); done

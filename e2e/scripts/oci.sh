@@ -1,5 +1,5 @@
 # OCI image helpers without Docker: a rootfs directory becomes an OCI image-layout tar that
-# `ctr images import` reads. Sourced, not run.
+# `ctr images import` and `kind load image-archive` read. Sourced, not run.
 #
 # The layout is the plain one from the OCI image spec: oci-layout, index.json, blobs/sha256/*.
 # Layers are uncompressed tars written with a fixed order, owner and mtime, so the same rootfs
@@ -56,10 +56,4 @@ oci_pack() {
     tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$layout" -cf "$out.tmp" .
     mv "$out.tmp" "$out"
     rm -rf "$work"
-}
-
-# oci_import TAR: imports (and unpacks) an image tar into containerd's k8s.io namespace, where
-# the kubelet's CRI looks for images. Needs CONTAINERD_SOCK.
-oci_import() {
-    ctr --address "$CONTAINERD_SOCK" -n k8s.io images import "$1" >/dev/null
 }

@@ -27,7 +27,14 @@ toolchain() {
     bash e2e/scripts/build-k8s.sh
     bash e2e/scripts/build-tools.sh
 }
+# The README's kind quickstart is literally e2e/scripts/quickstart.sh (what `make up` runs).
+quickstart_in_readme() {
+    diff <(sed -n '/^# >>> quickstart$/,/^# <<< quickstart$/p' e2e/scripts/quickstart.sh | sed '1d;$d') \
+        <(sed -n '/^<!-- quickstart:kind -->$/,/^<!-- \/quickstart:kind -->$/p' README.md | sed '1,2d' | sed '$d' | sed '$d') ||
+        die "README.md's kind quickstart and e2e/scripts/quickstart.sh differ (diff above)"
+}
 lint() {
+    quickstart_in_readme
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
     "$TOOLS_BIN/helm" lint charts/portslice

@@ -1,57 +1,40 @@
 #!/usr/bin/env bash
-# `make up`: the whole thing on this machine in one command. Builds what is missing, starts the
-# local single-node cluster, builds and imports the images, installs the chart, applies
-# examples/, prints the allocated ranges and proves a slice pod answering on the node address
-# from the remote host's network namespace.
+# `make up`: the whole thing on this machine in one command: the README's kind quickstart
+# (e2e/scripts/quickstart.sh, literally), then proof that it serves: every example slice gets a
+# range, its pods run, and the remote host (the docker host) reaches a slice pod on its node's
+# address over TCP and UDP. Safe to rerun: an existing cluster and release are upgraded in place.
 source "$(dirname "$0")/lib.sh"
-source "$(dirname "$0")/cluster-env.sh"
 cd "$REPO_ROOT"
 
-RELEASE=${RELEASE:-portslice}
-RELEASE_NS=${RELEASE_NS:-portslice-system}
-AGENT=$REPO_ROOT/target/release/portslice-e2e-agent
-
-# The image tags stay "dev"; the tars' digests as pod annotations roll the pods when a rebuilt
-# image was imported.
-digest() { sha256sum "$PORTSLICE_CACHE/images/$1.tar" | cut -c1-16; }
-
-helm_install() {
-    "$TOOLS_BIN/helm" --kubeconfig "$E2E_KUBECONFIG" upgrade --install "$RELEASE" charts/portslice \
-        -n "$RELEASE_NS" --create-namespace --wait --timeout 5m \
-        --set node.uplink="$UPLINK" \
-        --set-string operator.podAnnotations.imageDigest="$(digest portslice-operator)" \
-        --set-string node.podAnnotations.imageDigest="$(digest portslice-node)" "$@"
-}
-
-examples() {
-    kubectl_e2e apply -f examples/
-    local s
-    for s in $(kubectl_e2e -n portslice-demo get portslices -o name); do
-        kubectl_e2e -n portslice-demo wait "$s" --for=jsonpath='{.status.rangeText}' --timeout=60s >/dev/null 2>&1 ||
-            log "warning: $s has no range yet"
-    done
-    kubectl_e2e -n portslice-demo wait pods --all --for=condition=Ready --timeout=120s >/dev/null ||
-        log "warning: not every example pod is Ready"
-}
+total=$SECONDS
+stage toolchain bash e2e/scripts/build-k8s.sh
+stage helm-tool bash e2e/scripts/build-tools.sh helm
+if bash e2e/scripts/kind.sh status >/dev/null 2>&1; then
+    eval "$(bash e2e/scripts/kind.sh env)"
+    helm status portslice -n portslice-system >/dev/null 2>&1 &&
+        stage helm-uninstall-previous helm uninstall portslice -n portslice-system --wait
+fi
+stage quickstart bash e2e/scripts/quickstart.sh
+eval "$(bash e2e/scripts/kind.sh env)"
 
 prove() {
-    kubectl_e2e get portslices -A -o wide
-    local range start
-    range=$(kubectl_e2e -n portslice-demo get portslice media -o jsonpath='{.status.range.start}')
-    [ -n "$range" ] || die "slice media has no range (is the operator running?)"
-    start=$range
-    log "from netns $REMOTE_NETNS ($REMOTE_IP): tcp and udp to $NODE_IP:$start"
-    ip netns exec "$REMOTE_NETNS" "$AGENT" dial tcp "$NODE_IP:$start"
-    ip netns exec "$REMOTE_NETNS" "$AGENT" dial udp "$NODE_IP:$start"
-    log "a slice pod answered on the node address; KUBECONFIG=$E2E_KUBECONFIG"
+    local s
+    for s in $(kubectl -n portslice-demo get portslices -o name); do
+        kubectl -n portslice-demo wait "$s" --for=jsonpath='{.status.rangeText}' --timeout=60s >/dev/null ||
+            die "$s has no range (is the operator running? kubectl -n portslice-system logs deploy/portslice-operator)"
+    done
+    kubectl -n portslice-demo wait pods --all --for=condition=Ready --timeout=180s >/dev/null ||
+        die "not every example pod is Ready: $(kubectl -n portslice-demo get pods --no-headers | tr '\n' ';')"
+    kubectl get portslices -A -o wide
+    local start pod node ip
+    start=$(kubectl -n portslice-demo get portslice media -o jsonpath='{.status.range.start}')
+    pod=$(kubectl -n portslice-demo get pods -l app=media -o jsonpath='{.items[0].metadata.name}')
+    node=$(kubectl -n portslice-demo get pod "$pod" -o jsonpath='{.spec.nodeName}')
+    ip=$(kubectl -n portslice-demo get pod "$pod" -o jsonpath='{.status.hostIP}')
+    log "from the remote host ($PORTSLICE_E2E_REMOTE_IP): tcp and udp to $ip:$start (slice media, pod $pod on $node)"
+    target/release/portslice-e2e-agent dial tcp "$ip:$start"
+    target/release/portslice-e2e-agent dial udp "$ip:$start"
+    log "a slice pod answered on its node's address; KUBECONFIG=$KUBECONFIG"
 }
-
-total=$SECONDS
-stage kubernetes-binaries bash e2e/scripts/build-k8s.sh
-stage helm-tool bash e2e/scripts/build-tools.sh helm
-stage cluster-up bash e2e/scripts/cluster.sh up
-stage images bash e2e/scripts/images.sh
-stage helm-install helm_install "$@"
-stage examples examples
 stage prove prove
 log "up in $((SECONDS - total))s"

@@ -38,12 +38,32 @@ fn slice(name: &str, namespace: &str, spec: PortSliceSpec) -> PortSlice {
 }
 
 /// The agent serves TCP and UDP on the first two ports of its slice (read from the netns'
-/// ip_local_port_range, which the CNI plugin sets) and on 8080 on its private address.
-fn agent_pod_template(app: &str, slice: &str, image: &str) -> serde_json::Value {
+/// ip_local_port_range, which the CNI plugin sets) and on 8080 on its private address. Without a
+/// slice it is a plain pod, serving 8080 only. It tolerates every taint: a DaemonSet of it runs
+/// on every node, the control plane included.
+fn agent_pod_template(app: &str, slice: Option<&str>, image: &str) -> serde_json::Value {
+    let (annotations, args) = match slice {
+        Some(s) => (
+            json!({SLICE_ANNOTATION: s}),
+            json!([
+                "serve",
+                "--slice-ports",
+                "2",
+                "--tcp",
+                "8080",
+                "--udp",
+                "8080"
+            ]),
+        ),
+        None => (
+            json!({}),
+            json!(["serve", "--tcp", "8080", "--udp", "8080"]),
+        ),
+    };
     json!({
         "metadata": {
             "labels": {"app": app, E2E_LABEL: "true"},
-            "annotations": {SLICE_ANNOTATION: slice}
+            "annotations": annotations
         },
         "spec": {
             "terminationGracePeriodSeconds": 1,
@@ -52,7 +72,7 @@ fn agent_pod_template(app: &str, slice: &str, image: &str) -> serde_json::Value 
                 "name": "agent",
                 "image": image,
                 "imagePullPolicy": "IfNotPresent",
-                "args": ["serve", "--slice-ports", "2", "--tcp", "8080", "--udp", "8080"],
+                "args": args,
                 "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                 "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
                 "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}
@@ -61,10 +81,11 @@ fn agent_pod_template(app: &str, slice: &str, image: &str) -> serde_json::Value 
     })
 }
 
+/// A DaemonSet of the agent, in `slice` or (None) a plain workload.
 pub fn agent_daemonset(
     name: &str,
     namespace: &str,
-    slice: &str,
+    slice: Option<&str>,
     image: &str,
 ) -> Result<DaemonSet, serde_json::Error> {
     serde_json::from_value(json!({
@@ -79,13 +100,28 @@ pub fn agent_daemonset(
 }
 
 /// One replica per node at most: a second pod of a slice on the same node is refused, so the
-/// Deployment recreates instead of surging.
+/// Deployment recreates instead of surging. `avoid_node`: never on that node (the suite keeps it
+/// off the operator leader's node, to show allocation does not depend on where the leader runs).
 pub fn agent_deployment(
     name: &str,
     namespace: &str,
     slice: &str,
     image: &str,
+    avoid_node: Option<&str>,
 ) -> Result<Deployment, serde_json::Error> {
+    let mut template = agent_pod_template(name, Some(slice), image);
+    // Not every taint: a pod tolerating `node.kubernetes.io/unschedulable` is scheduled onto a
+    // cordoned node, so a drain would not move it. The control plane is fine.
+    template["spec"]["tolerations"] = json!([{
+        "key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"
+    }]);
+    if let Some(node) = avoid_node {
+        template["spec"]["affinity"] = json!({"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{
+                "matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [node]}]
+            }]}
+        }});
+    }
     serde_json::from_value(json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -94,9 +130,32 @@ pub fn agent_deployment(
             "replicas": 1,
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": {"app": name}},
-            "template": agent_pod_template(name, slice, image)
+            "template": template
         }
     }))
+}
+
+/// A host process on `node` as the datapath sees it: the agent in the node's own network
+/// namespace (hostNetwork), serving TCP on `port`.
+pub fn host_agent_pod(
+    name: &str,
+    namespace: &str,
+    node: &str,
+    port: u16,
+    image: &str,
+) -> Result<k8s_openapi::api::core::v1::Pod, serde_json::Error> {
+    let mut template = agent_pod_template(name, None, image);
+    template["spec"]["hostNetwork"] = json!(true);
+    template["spec"]["nodeName"] = json!(node);
+    template["spec"]["containers"][0]["args"] = json!(["serve", "--tcp", port.to_string()]);
+    template["spec"]["containers"][0]["readinessProbe"] =
+        json!({"tcpSocket": {"port": port}, "periodSeconds": 1});
+    let mut pod = template;
+    pod["apiVersion"] = json!("v1");
+    pod["kind"] = json!("Pod");
+    pod["metadata"]["name"] = json!(name);
+    pod["metadata"]["namespace"] = json!(namespace);
+    serde_json::from_value(pod)
 }
 
 #[cfg(test)]
@@ -105,7 +164,7 @@ mod tests {
 
     #[test]
     fn workloads_join_their_slice_by_annotation() {
-        let ds = agent_daemonset("game", "ns", "game-slice", "img:1").unwrap();
+        let ds = agent_daemonset("game", "ns", Some("game-slice"), "img:1").unwrap();
         let tpl = ds.spec.unwrap().template;
         let ann = tpl.metadata.unwrap().annotations.unwrap();
         assert_eq!(ann[SLICE_ANNOTATION], "game-slice");
@@ -117,10 +176,37 @@ mod tests {
 
     #[test]
     fn deployment_never_runs_two_pods_of_a_slice_on_one_node_during_rollout() {
-        let d = agent_deployment("web", "ns", "web", "img").unwrap();
+        let d = agent_deployment("web", "ns", "web", "img", Some("n1")).unwrap();
+        let affinity =
+            serde_json::to_value(&d).unwrap()["spec"]["template"]["spec"]["affinity"].clone();
+        assert_eq!(
+            affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+                [0]["matchExpressions"][0]["values"],
+            json!(["n1"])
+        );
         assert_eq!(
             d.spec.unwrap().strategy.unwrap().type_.as_deref(),
             Some("Recreate")
+        );
+    }
+
+    #[test]
+    fn plain_workloads_carry_no_slice_annotation() {
+        let ds = agent_daemonset("plain", "ns", None, "img").unwrap();
+        let ann = ds
+            .spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap_or_default();
+        assert!(!ann.contains_key(SLICE_ANNOTATION));
+        let host = host_agent_pod("h", "ns", "n1", 39001, "img").unwrap();
+        let spec = host.spec.unwrap();
+        assert_eq!(
+            (spec.host_network, spec.node_name.as_deref()),
+            (Some(true), Some("n1"))
         );
     }
 

@@ -60,6 +60,28 @@ impl Report {
         passed
     }
 
+    /// Runs `name` only when every check in `needs` has passed; otherwise records it as not run,
+    /// naming the first that did not. Dependencies are by name, so reordering the scenario
+    /// cannot skip the wrong checks.
+    pub async fn check_after<F, Fut>(&mut self, name: &str, needs: &[&str], f: F) -> bool
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        if let Some(missing) = needs.iter().find(|n| !self.passed_check(n)) {
+            self.not_run(name, &format!("needs {missing}, which did not pass"));
+            return false;
+        }
+        self.check(name, f).await
+    }
+
+    /// Whether the check `name` ran and passed.
+    pub fn passed_check(&self, name: &str) -> bool {
+        self.results
+            .iter()
+            .any(|(n, o, _)| n == name && *o == Outcome::Pass)
+    }
+
     pub fn not_run(&mut self, name: &str, why: &str) {
         eprintln!("[e2e] check {name}: not run: {why}");
         self.results.push((
@@ -119,8 +141,11 @@ mod tests {
         );
         assert!(!r.check("c", || async { anyhow::bail!("boom") }).await);
         r.not_run("d", "needs c");
-        assert_eq!((r.passed(), r.failed()), (1, 1));
-        assert!(r.summary().ends_with("1 passed, 1 failed, 2 not run"));
+        assert!(!r.check_after("e", &["a", "c"], || async { Ok(()) }).await);
+        assert!(r.summary().contains("needs c, which did not pass"));
+        assert!(r.check_after("f", &["a"], || async { Ok(()) }).await);
+        assert_eq!((r.passed(), r.failed()), (2, 1));
+        assert!(r.summary().ends_with("2 passed, 1 failed, 3 not run"));
         assert!(r.summary().contains("FAILED") && r.summary().contains("boom"));
     }
 }

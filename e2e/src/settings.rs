@@ -1,5 +1,6 @@
-//! What the suite runs against. Defaults fit the local cluster of `e2e/scripts/cluster.sh`;
-//! `e2e/scripts/kind.sh` sets them for kind.
+//! What the suite runs against, read from `PORTSLICE_E2E_*` variables. Defaults fit the kind
+//! cluster of `e2e/scripts/kind.sh` (whose `env` prints them); any other cluster sets its own.
+//! The nodes themselves come from the API server.
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -13,22 +14,22 @@ pub enum SettingsError {
     },
 }
 
+/// Where `{node}` goes in [`Settings::node_exec`].
+pub const NODE_PLACEHOLDER: &str = "{node}";
+
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// The node address slice pods share (the kubelet's --node-ip).
-    pub node_ip: Ipv4Addr,
-    /// The remote host's address as the node sees it.
+    /// The remote host's address as the nodes see it (kind: the docker host on the kind network).
     pub remote_ip: Ipv4Addr,
     /// A name the cluster DNS resolves to the remote host, if it has one.
     pub remote_name: Option<String>,
-    /// Command prefix that runs a program on the remote host (e.g. `ip netns exec ps-remote`);
-    /// empty: this machine is the remote host.
+    /// Command prefix that runs a program on the remote host; empty: this machine is it.
     pub remote_exec: Vec<String>,
-    /// Command prefix that runs a program on the node (e.g. `docker exec kind-control-plane`);
-    /// empty: this machine is the node.
+    /// Command prefix that runs a program on a node, `{node}` standing for its name (kind:
+    /// `docker exec {node}`).
     pub node_exec: Vec<String>,
-    /// The node's uplink interface, given to the chart.
-    pub uplink: String,
+    /// `node.uplink` for the chart, when the nodes' uplink is not the chart's default.
+    pub uplink: Option<String>,
     pub helm: PathBuf,
     pub kubectl: PathBuf,
     pub chart: PathBuf,
@@ -41,7 +42,7 @@ pub struct Settings {
     pub agent_bin: PathBuf,
     /// Extra `--set` values for helm install (images, pools).
     pub helm_sets: Vec<String>,
-    /// The node's CNI conf and bin dirs and bpffs pin root, for the "node is clean" checks.
+    /// The nodes' CNI conf and bin dirs and bpffs pin root, for the "node is clean" checks.
     pub cni_conf_dir: String,
     pub cni_bin_dir: String,
     pub pin_root: String,
@@ -58,41 +59,44 @@ impl Settings {
         agent_bin: PathBuf,
         repo: PathBuf,
     ) -> Result<Self, SettingsError> {
-        let var = |k: &str, d: &str| {
-            get(k)
-                .filter(|v| !v.is_empty())
-                .unwrap_or_else(|| d.to_string())
-        };
-        let ip = |k: &'static str, d: &str| -> Result<Ipv4Addr, SettingsError> {
-            let v = var(k, d);
-            v.parse()
+        let set = |k: &str| get(k).filter(|v| !v.is_empty());
+        let var = |k: &str, d: &str| set(k).unwrap_or_else(|| d.to_string());
+        let remote_ip = var("PORTSLICE_E2E_REMOTE_IP", "198.19.0.1");
+        let remote_ip =
+            remote_ip
+                .parse()
                 .map_err(|e: std::net::AddrParseError| SettingsError::Invalid {
-                    var: k,
-                    value: v,
+                    var: "PORTSLICE_E2E_REMOTE_IP",
+                    value: remote_ip.clone(),
                     reason: e.to_string(),
-                })
-        };
+                })?;
+        let node_exec = words(&var("PORTSLICE_E2E_NODE_EXEC", "docker exec {node}"));
+        if !node_exec.iter().any(|w| w.contains(NODE_PLACEHOLDER)) {
+            return Err(SettingsError::Invalid {
+                var: "PORTSLICE_E2E_NODE_EXEC",
+                value: node_exec.join(" "),
+                reason: format!(
+                    "must name the node as {NODE_PLACEHOLDER}, e.g. \"ssh {NODE_PLACEHOLDER}\""
+                ),
+            });
+        }
         let cache = var("PORTSLICE_CACHE", "/var/cache/portslice");
         let k8s = var("K8S_VERSION", "1.34.4");
         Ok(Settings {
-            node_ip: ip("PORTSLICE_E2E_NODE_IP", "198.18.0.1")?,
-            remote_ip: ip("PORTSLICE_E2E_REMOTE_IP", "198.18.0.2")?,
+            remote_ip,
             remote_name: Some(var("PORTSLICE_E2E_REMOTE_NAME", "remote.portslice.test"))
                 .filter(|n| n != "none"),
-            // Set but empty means: this machine is the remote host.
-            remote_exec: words(
-                &get("PORTSLICE_E2E_REMOTE_EXEC")
-                    .unwrap_or_else(|| "ip netns exec ps-remote".into()),
-            ),
-            node_exec: words(&get("PORTSLICE_E2E_NODE_EXEC").unwrap_or_default()),
-            uplink: var("PORTSLICE_E2E_UPLINK", "psuplink0"),
+            // Unset or empty: this machine is the remote host.
+            remote_exec: words(&get("PORTSLICE_E2E_REMOTE_EXEC").unwrap_or_default()),
+            node_exec,
+            uplink: set("PORTSLICE_E2E_UPLINK"),
             helm: var("PORTSLICE_E2E_HELM", &format!("{cache}/bin/helm")).into(),
             kubectl: var(
                 "PORTSLICE_E2E_KUBECTL",
                 &format!("{cache}/k8s-v{k8s}/bin/kubectl"),
             )
             .into(),
-            chart: get("PORTSLICE_E2E_CHART")
+            chart: set("PORTSLICE_E2E_CHART")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| repo.join("charts/portslice")),
             release: var("PORTSLICE_E2E_RELEASE", "portslice"),
@@ -102,13 +106,22 @@ impl Settings {
                 "localhost/portslice-e2e-agent:dev",
             ),
             agent_bin,
-            helm_sets: get("PORTSLICE_E2E_HELM_SET")
+            helm_sets: set("PORTSLICE_E2E_HELM_SET")
                 .map(|s| words(&s))
                 .unwrap_or_default(),
             cni_conf_dir: var("PORTSLICE_E2E_CNI_CONF_DIR", "/etc/cni/net.d"),
             cni_bin_dir: var("PORTSLICE_E2E_CNI_BIN_DIR", "/opt/cni/bin"),
             pin_root: var("PORTSLICE_E2E_PIN_ROOT", "/sys/fs/bpf/portslice"),
         })
+    }
+
+    /// `argv` run on node `node`.
+    pub fn on_node(&self, node: &str, argv: &[&str]) -> Vec<String> {
+        self.node_exec
+            .iter()
+            .map(|w| w.replace(NODE_PLACEHOLDER, node))
+            .chain(argv.iter().map(|s| s.to_string()))
+            .collect()
     }
 }
 
@@ -117,34 +130,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_fit_the_local_cluster() {
+    fn defaults_fit_the_kind_cluster() {
         let s = Settings::from_lookup(|_| None, "/agent".into(), "/repo".into()).unwrap();
-        assert_eq!(s.node_ip, Ipv4Addr::new(198, 18, 0, 1));
-        assert_eq!(s.remote_exec, ["ip", "netns", "exec", "ps-remote"]);
-        assert!(s.node_exec.is_empty());
+        assert_eq!(s.remote_ip, Ipv4Addr::new(198, 19, 0, 1));
+        assert!(s.remote_exec.is_empty(), "the docker host is the remote");
+        assert_eq!(
+            s.on_node("portslice-worker", &["cat", "/x"]),
+            ["docker", "exec", "portslice-worker", "cat", "/x"]
+        );
+        assert_eq!(s.uplink, None, "kind's eth0 is the chart's default");
         assert_eq!(s.chart, PathBuf::from("/repo/charts/portslice"));
     }
 
     #[test]
-    fn kind_settings_override_the_defaults() {
+    fn other_clusters_set_their_own() {
         let env = |k: &str| match k {
-            "PORTSLICE_E2E_NODE_IP" => Some("172.18.0.2".into()),
-            "PORTSLICE_E2E_REMOTE_EXEC" => Some(String::new()),
-            "PORTSLICE_E2E_NODE_EXEC" => Some("docker exec kind-control-plane".into()),
+            "PORTSLICE_E2E_REMOTE_IP" => Some("192.0.2.9".into()),
+            "PORTSLICE_E2E_REMOTE_EXEC" => Some("ssh remote".into()),
+            "PORTSLICE_E2E_NODE_EXEC" => Some("ssh root@{node}".into()),
             "PORTSLICE_E2E_REMOTE_NAME" => Some("none".into()),
+            "PORTSLICE_E2E_UPLINK" => Some("ens5".into()),
             _ => None,
         };
         let s = Settings::from_lookup(env, "/agent".into(), "/repo".into()).unwrap();
-        assert_eq!(s.node_ip, Ipv4Addr::new(172, 18, 0, 2));
-        assert!(s.remote_exec.is_empty(), "empty means: run on this machine");
-        assert_eq!(s.node_exec, ["docker", "exec", "kind-control-plane"]);
+        assert_eq!(s.remote_ip, Ipv4Addr::new(192, 0, 2, 9));
+        assert_eq!(s.remote_exec, ["ssh", "remote"]);
+        assert_eq!(s.on_node("n1", &["true"]), ["ssh", "root@n1", "true"]);
         assert_eq!(s.remote_name, None);
+        assert_eq!(s.uplink.as_deref(), Some("ens5"));
     }
 
     #[test]
-    fn a_bad_address_names_the_variable() {
-        let env = |k: &str| (k == "PORTSLICE_E2E_NODE_IP").then(|| "300.1.1.1".to_string());
+    fn bad_values_name_the_variable() {
+        let env = |k: &str| (k == "PORTSLICE_E2E_REMOTE_IP").then(|| "300.1.1.1".to_string());
         let e = Settings::from_lookup(env, "/a".into(), "/r".into()).unwrap_err();
-        assert!(e.to_string().contains("PORTSLICE_E2E_NODE_IP"));
+        assert!(e.to_string().contains("PORTSLICE_E2E_REMOTE_IP"));
+        let env = |k: &str| (k == "PORTSLICE_E2E_NODE_EXEC").then(|| "ssh".to_string());
+        let e = Settings::from_lookup(env, "/a".into(), "/r".into()).unwrap_err();
+        assert!(e.to_string().contains("{node}"), "{e}");
     }
 }

@@ -187,6 +187,12 @@ fn invalid_network_config_is_code_7_in_the_callers_version() {
     c["clusterCIDRs"] = json!(["not-a-cidr"]);
     let mut e = add_env();
     e[0].1 = "CHECK".into();
+    let plain = exec_plugin(None, "portslice", &e, &c.to_string());
+    assert!(
+        plain.ok(),
+        "CHECK of a pod in no slice passes a config we cannot use: {plain:?}"
+    );
+    e.push(("CNI_ARGS".into(), "PORTSLICE_RANGE=41000-41009".into()));
     assert_error(
         &exec_plugin(None, "portslice", &e, &c.to_string()),
         7,

@@ -12,12 +12,11 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::slice::find_slice;
-use super::{datapath_err, netns_err, not_loaded, open_datapath};
+use super::{asks_for_slice, datapath_err, netns_err, not_loaded, open_datapath};
 use crate::cni::config::{Envelope, PluginConfig};
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, code};
 use crate::cni::result::{CniResult, PodAddress};
-use crate::slice_source::asks_for_slice;
 use portslice_datapath::{PinnedDatapath, PodAttachment, SliceBinding};
 use portslice_netns::plan::PodWiring;
 use portslice_netns::{thread::in_netns, wiring};
@@ -37,12 +36,7 @@ pub fn add(env: &CniEnv, envelope: &Envelope) -> Result<String, CniError> {
             }
         }
         Err(e) => {
-            let annotations = envelope.pod_annotations();
-            if asks_for_slice(
-                &env.args,
-                annotations.as_ref(),
-                envelope.has_network_slice(),
-            ) {
+            if asks_for_slice(env, envelope) {
                 return Err(e);
             }
             tracing::error!(error = %e, "the configuration cannot be used for slices; a pod that asks for none passes through");

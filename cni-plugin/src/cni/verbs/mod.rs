@@ -37,7 +37,17 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
         Command::Del => return del::del(env, stdin).map(|()| None),
         _ => {}
     }
-    let conf = PluginConfig::parse(stdin)?;
+    let envelope = Envelope::parse(stdin)?;
+    let conf = match PluginConfig::from_envelope(&envelope) {
+        Ok(conf) => conf,
+        // CHECK of a pod that asks for no slice passes whatever is wrong with our config, as ADD
+        // passes it through: the runtime would otherwise tear down a pod we have no business with.
+        Err(e) if env.command == Command::Check && !asks_for_slice(env, &envelope) => {
+            tracing::error!(error = %e, "the configuration cannot be used for slices; CHECK of a pod that asks for none passes");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
     let out = match env.command {
         Command::Check => check::check(env, &conf),
         Command::Gc => gc_status::gc(&conf),
@@ -47,6 +57,15 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
     };
     out.map(|()| None)
         .map_err(|e| e.in_version(conf.version.as_str()))
+}
+
+/// Whether the pod visibly asks for a slice (see [`crate::slice_source::asks_for_slice`]).
+fn asks_for_slice(env: &CniEnv, envelope: &Envelope) -> bool {
+    crate::slice_source::asks_for_slice(
+        &env.args,
+        envelope.pod_annotations().as_ref(),
+        envelope.has_network_slice(),
+    )
 }
 
 /// Opens the datapath the daemon pinned, the one way every verb does: `Ok(None)` when nothing is
