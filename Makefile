@@ -24,7 +24,7 @@ unit:
 
 crds:
 	cargo run -q -p portslice-crds --bin crdgen > crds/portslice.io_portslices.yaml
-	@if [ -d charts/portslice ]; then mkdir -p charts/portslice/crds && cp crds/portslice.io_portslices.yaml charts/portslice/crds/; fi
+	cp crds/portslice.io_portslices.yaml charts/portslice/files/
 
 it-operator:
 	bash e2e/scripts/test-operator.sh

@@ -12,8 +12,12 @@ fn main() {
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_string());
     // Debian keeps asm/types.h under the multiarch directory, which -target bpf does not search.
     let multiarch = format!("/usr/include/{}-linux-gnu", env::consts::ARCH);
+    // -mcpu=v3: atomics that return the old value (BPF_FETCH, kernel 5.12+) for the per-pod
+    // fragment quota; clang's default CPU has only fire-and-forget adds.
     let status = Command::new(&clang)
-        .args(["-g", "-O2", "-Wall", "-Werror", "-target", "bpf"])
+        .args([
+            "-g", "-O2", "-Wall", "-Werror", "-target", "bpf", "-mcpu=v3",
+        ])
         .arg(format!("-I{multiarch}"))
         .arg("-c")
         .arg("bpf/portslice.bpf.c")

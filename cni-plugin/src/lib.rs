@@ -7,5 +7,7 @@
 pub mod cni;
 /// Node daemon: install into the conflist, load/attach/pin eBPF, reserve ports, reconcile, metrics.
 pub mod daemon;
+/// What the plugin and the daemon share on the node: the verb lock, reserved ports, pod state.
+pub mod node;
 /// Where a pod's slice and range come from: CNI args, config, API server, node cache.
 pub mod slice_source;

@@ -3,10 +3,13 @@
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
+pub mod refusal;
 mod slice;
 
 pub use portslice_ports::{PortRange, PortRangeError, Protocol};
-pub use slice::{Condition, PortSlice, PortSliceSpec, PortSliceStatus, Sliver, conditions};
+pub use slice::{
+    Condition, NodeRefusal, PortSlice, PortSliceSpec, PortSliceStatus, Sliver, conditions,
+};
 
 /// API group of every PortSlice resource.
 pub const GROUP: &str = "portslice.io";

@@ -26,8 +26,17 @@ use portslice_ports::{PortRange, Protocol};
     printcolumn(name = "Slivers", type_ = "integer", description = "Pods of the slice running on nodes", json_path = ".status.sliverCount"),
     printcolumn(name = "Reason", type_ = "string", priority = 1, description = "Why the slice is (not) ready", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.range) || self.spec == oldSelf.spec")
-        .message("spec is immutable once a range is allocated; create a new PortSlice to change it"),
+    printcolumn(name = "Refused-On", type_ = "integer", description = "Nodes refusing the slice's pods now (see status.nodeRefusals)", json_path = ".status.nodeRefusalCount"),
+    // allowedSources stays editable: it is a filter, not the allocation. (Ports are compared
+    // field by field: comparing the optional objects whole is over the CEL cost budget.)
+    validation = Rule::new(
+        "!has(oldSelf.status) || !has(oldSelf.status.range) || \
+         (self.spec.?size == oldSelf.spec.?size && \
+          self.spec.?ports.?start == oldSelf.spec.?ports.?start && \
+          self.spec.?ports.?end == oldSelf.spec.?ports.?end && \
+          self.spec.protocols == oldSelf.spec.protocols)"
+    )
+    .message("spec.size, spec.ports and spec.protocols are immutable once a range is allocated; create a new PortSlice to change them"),
 )]
 #[x_kube(validation = Rule::new("has(self.size) != has(self.ports)")
     .message("set exactly one of spec.size (any free range of that many ports) or spec.ports (these exact ports)"))]
@@ -50,6 +59,15 @@ pub struct PortSliceSpec {
     #[schemars(length(min = 1, max = 2))]
     #[x_kube(validation = Rule::new("self.all(p, self.exists_one(q, q == p))").message("protocols must not repeat"))]
     pub protocols: Vec<Protocol>,
+
+    /// Remote addresses (CIDRs, e.g. `198.51.100.0/24` or `203.0.113.7/32`) that may reach the
+    /// slice's ports on the node address: a security group for SIP trunks, TURN peers or game
+    /// clients. Empty means anyone. Enforced in eBPF on the uplink, before the pod sees a packet;
+    /// traffic from inside the cluster is not filtered. Stays editable while pods run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 43)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c).ip().family() == 4)").message("allowedSources must be IPv4 CIDRs such as 198.51.100.0/24"))]
+    pub allowed_sources: Vec<String>,
 }
 
 fn default_protocols() -> Vec<Protocol> {
@@ -90,6 +108,15 @@ pub struct PortSliceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
+    /// Nodes that refuse the slice's pods right now (a host process listens on one of its ports,
+    /// or the node counts them among its own), as their CNI plugin reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_refusals: Vec<NodeRefusal>,
+
+    /// Number of entries in `nodeRefusals`, for `kubectl get -o wide`.
+    #[serde(default)]
+    pub node_refusal_count: u32,
+
     /// Standard conditions: `Allocated` and `Ready`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -103,6 +130,20 @@ pub struct Sliver {
     pub node: String,
     /// Name of the pod.
     pub pod: String,
+}
+
+/// A node that refused a pod of the slice.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRefusal {
+    /// The node.
+    pub node: String,
+    /// `HostPortInUse` or `Forbidden`.
+    pub reason: String,
+    /// What the node said.
+    pub message: String,
+    /// When it last said it (RFC 3339).
+    pub last_seen: String,
 }
 
 /// A standard Kubernetes condition (same fields as metav1.Condition).
@@ -135,9 +176,36 @@ pub mod conditions {
     pub const REASON_CONFLICT: &str = "Conflict";
     pub const REASON_INVALID: &str = "Invalid";
     pub const REASON_TERMINATING: &str = "Terminating";
+    /// The spec asks for ports a slice may not hold here (the node's own ports, or exact ports
+    /// the reservations policy does not open to the namespace).
+    pub const REASON_FORBIDDEN: &str = "Forbidden";
+    /// The namespace is at its cap of ports or slices.
+    pub const REASON_QUOTA_EXCEEDED: &str = "QuotaExceeded";
+    /// A host process on a node listens on a port of the slice; that node refuses its pods.
+    pub const REASON_HOST_PORT_IN_USE: &str = "HostPortInUse";
 }
 
 impl PortSliceSpec {
+    /// Any free run of `size` ports, both protocols, from anyone.
+    pub fn of_size(size: u32) -> Self {
+        Self {
+            size: Some(size),
+            ports: None,
+            protocols: default_protocols(),
+            allowed_sources: Vec::new(),
+        }
+    }
+
+    /// Exactly `ports`, both protocols, from anyone.
+    pub fn exact(ports: PortRange) -> Self {
+        Self {
+            size: None,
+            ports: Some(ports),
+            protocols: default_protocols(),
+            allowed_sources: Vec::new(),
+        }
+    }
+
     /// Number of ports the spec asks for.
     pub fn requested_size(&self) -> Option<u32> {
         match (self.size, self.ports) {

@@ -38,6 +38,6 @@ stage "start kube-apiserver + etcd" bash e2e/scripts/apiserver.sh start "$apiser
 # timings show where time goes. The benchmark (tests/bench.rs) is run by bench-datapath.sh.
 stage "test kube" env KUBECONFIG="$apiserver_dir/kubeconfig" \
     cargo test -p portslice-cni --test node -- kube:: --nocapture
-for suite in protocol chain cni_matrix veth_matrix daemon clsact; do
+for suite in protocol chain cni_matrix veth_matrix node_ports hardening upgrade daemon clsact; do
     stage "test $suite" cargo test -p portslice-cni --test node -- "$suite::"
 done

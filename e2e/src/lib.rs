@@ -14,29 +14,3 @@ pub mod probe;
 pub mod report;
 pub mod settings;
 pub mod shell;
-
-#[cfg(test)]
-mod chart_tests {
-    use std::path::Path;
-
-    fn repo() -> &'static Path {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap_or(Path::new(".."))
-    }
-
-    /// The chart ships the generated CRD; `make crds` copies it. A stale copy would install an
-    /// API that differs from the one the operator is built against.
-    #[test]
-    fn chart_crd_is_byte_identical_to_the_generated_one() {
-        let generated =
-            std::fs::read(repo().join("crds/portslice.io_portslices.yaml")).expect("generated CRD");
-        let shipped =
-            std::fs::read(repo().join("charts/portslice/crds/portslice.io_portslices.yaml"))
-                .expect("chart CRD (run `make crds`)");
-        assert!(
-            generated == shipped,
-            "charts/portslice/crds is stale: run `make crds`"
-        );
-    }
-}

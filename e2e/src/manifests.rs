@@ -1,33 +1,17 @@
 //! What a user applies: PortSlices and workloads annotated into them. Pure builders.
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use portslice_crds::{PortRange, PortSlice, PortSliceSpec, Protocol, SLICE_ANNOTATION};
+use portslice_crds::{PortRange, PortSlice, PortSliceSpec, SLICE_ANNOTATION};
 use serde_json::json;
 
 /// Label every e2e object carries, so leftovers are easy to find.
 pub const E2E_LABEL: &str = "portslice.io/e2e";
 
 pub fn slice_of_size(name: &str, namespace: &str, size: u32) -> PortSlice {
-    slice(
-        name,
-        namespace,
-        PortSliceSpec {
-            size: Some(size),
-            ports: None,
-            protocols: vec![Protocol::TCP, Protocol::UDP],
-        },
-    )
+    slice(name, namespace, PortSliceSpec::of_size(size))
 }
 
 pub fn slice_of_ports(name: &str, namespace: &str, ports: PortRange) -> PortSlice {
-    slice(
-        name,
-        namespace,
-        PortSliceSpec {
-            size: None,
-            ports: Some(ports),
-            protocols: vec![Protocol::TCP, Protocol::UDP],
-        },
-    )
+    slice(name, namespace, PortSliceSpec::exact(ports))
 }
 
 fn slice(name: &str, namespace: &str, spec: PortSliceSpec) -> PortSlice {

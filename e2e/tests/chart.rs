@@ -86,3 +86,61 @@ fn helm_template_refuses_exactly_the_pools_the_binaries_refuse() {
         }
     }
 }
+
+/// The chart installs (and upgrades) exactly the CRD the Rust types render, plus Helm's labels
+/// and the keep policy; `helm template --set crds.install=false` leaves it out.
+#[test]
+fn the_chart_renders_exactly_the_generated_crd() {
+    let out = Command::new(helm())
+        .arg("template")
+        .arg("t")
+        .arg(chart())
+        .args(["--show-only", "templates/crd.yaml"])
+        .output()
+        .expect("running helm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rendered: serde_yaml::Value =
+        serde_yaml::from_slice(&out.stdout).expect("the rendered CRD is YAML");
+    let meta = rendered
+        .get_mut("metadata")
+        .and_then(serde_yaml::Value::as_mapping_mut)
+        .expect("metadata");
+    let annotations = meta.remove("annotations").expect("annotations");
+    assert_eq!(annotations["helm.sh/resource-policy"], "keep");
+    meta.remove("labels").expect("Helm's labels");
+    let generated: serde_yaml::Value =
+        serde_yaml::from_str(&portslice_crds::crd_yaml().expect("CRD renders")).expect("YAML");
+    assert!(
+        numbers_as_floats(rendered) == numbers_as_floats(generated),
+        "charts/portslice/files is stale: run `make crds`"
+    );
+    let off = Command::new(helm())
+        .arg("template")
+        .arg("t")
+        .arg(chart())
+        .args(["--set", "crds.install=false"])
+        .output()
+        .expect("running helm");
+    assert!(!String::from_utf8_lossy(&off.stdout).contains("kind: CustomResourceDefinition"));
+}
+
+/// Helm's toYaml writes `65535.0` as `65535`: the same number to the API server.
+fn numbers_as_floats(v: serde_yaml::Value) -> serde_yaml::Value {
+    use serde_yaml::Value;
+    match v {
+        Value::Number(n) => n
+            .as_f64()
+            .map_or(Value::Number(n), |f| Value::Number(f.into())),
+        Value::Sequence(s) => Value::Sequence(s.into_iter().map(numbers_as_floats).collect()),
+        Value::Mapping(m) => Value::Mapping(
+            m.into_iter()
+                .map(|(k, v)| (k, numbers_as_floats(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}

@@ -14,7 +14,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use portslice_crds::{PortRange, PortSlice, PortSliceSpec, Protocol};
+use portslice_crds::{PortRange, PortSlice, PortSliceSpec};
 
 #[derive(Parser)]
 struct Args {
@@ -76,11 +76,7 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let start = Instant::now();
-    let spec = PortSliceSpec {
-        size: Some(args.size),
-        ports: None,
-        protocols: vec![Protocol::TCP, Protocol::UDP],
-    };
+    let spec = PortSliceSpec::of_size(args.size);
     let results: Vec<Result<(), kube::Error>> = stream::iter(0..args.count)
         .map(|i| {
             let api = api.clone();

@@ -5,7 +5,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use portslice_ports::{DEFAULT_NODE_PORT_RANGE, Pool, PortRange, parse_list};
+use portslice_ports::{
+    DEFAULT_API_SERVER_PORT, DEFAULT_DAEMON_PORT, DEFAULT_NODE_PORT_RANGE, NodeCritical, Pool,
+    PortRange, RangeSet, parse_list,
+};
+
+use crate::policy::{Policy, Quotas, ReservationRule};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,26 @@ pub struct Options {
     #[arg(long, value_name = "START-END")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_port_range: Option<String>,
+    /// The API server's port on the nodes (its --secure-port): never held by a slice.
+    /// Default: 6443.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_server_port: Option<u16>,
+    /// The PortSlice node daemon's ports (metrics and health; TCPMUX when served), never held by
+    /// a slice. Default: 9465.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub daemon_ports: Vec<u16>,
+    /// Exact ports namespaces may reserve (file only): `[{ports: "5060-5061", protocols: [UDP,
+    /// TCP], namespaces: [voice]}]`. Without a rule, no namespace may reserve exact ports.
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reservations: Vec<ReservationRule>,
+    /// Per-namespace caps (file only): `{default: {ports: 10000, slices: 20}, namespaces: {voice:
+    /// {ports: 2000}}}`. Default: none.
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quotas: Option<Quotas>,
     /// How long a deleted slice's range stays reserved after its last pod is gone (e.g. 30s, 2m).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -138,7 +163,10 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub pool: Pool,
+    /// The pool less the node-critical ports: where `size` requests are served from.
+    pub allocatable: RangeSet,
     pub node_port_range: PortRange,
+    pub policy: Policy,
     pub quarantine: Duration,
     pub retry_interval: Duration,
     pub metrics_addr: SocketAddr,
@@ -209,6 +237,23 @@ impl Config {
             .map_err(|e| invalid("pool", pool_text.clone(), e.to_string()))?;
         let pool = Pool::new(ranges, node_port_range)
             .map_err(|e| invalid("pool", pool_text.clone(), e.to_string()))?;
+        let daemon_ports = if o.daemon_ports.is_empty() {
+            vec![DEFAULT_DAEMON_PORT]
+        } else {
+            o.daemon_ports.clone()
+        };
+        let critical = NodeCritical::new(
+            o.api_server_port.unwrap_or(DEFAULT_API_SERVER_PORT),
+            node_port_range,
+            &daemon_ports,
+        );
+        let allocatable = pool.allocatable(&critical);
+        let policy = Policy::new(
+            critical,
+            &o.reservations,
+            o.quotas.clone().unwrap_or_default(),
+        )
+        .map_err(|e| invalid("reservations", String::new(), e.to_string()))?;
         let quarantine = parse_duration(o.quarantine.as_deref().unwrap_or("30s"))?;
         let retry_interval = parse_duration(o.retry_interval.as_deref().unwrap_or("30s"))?;
         let lease_duration = o.lease_duration.unwrap_or(15);
@@ -232,7 +277,9 @@ impl Config {
             });
         Ok(Self {
             pool,
+            allocatable,
             node_port_range,
+            policy,
             quarantine,
             retry_interval,
             metrics_addr: o
@@ -341,6 +388,48 @@ mod tests {
             resolve(cli, file).unwrap().pool.to_string(),
             "50000-50999",
             "the command line's pools replace the file's"
+        );
+    }
+
+    #[test]
+    fn the_policy_comes_from_the_file_and_the_ports_from_flags() {
+        let file = parse_file(
+            "pools: [\"1024-29999\"]\nreservations:\n- {ports: \"5060-5061\", namespaces: [voice]}\nquotas:\n  default: {ports: 100}\n  namespaces: {voice: {slices: 3}}\n",
+        )
+        .unwrap();
+        let cli = Options::parse_from([
+            "op",
+            "--api-server-port",
+            "16443",
+            "--daemon-ports",
+            "9465,1",
+        ]);
+        let c = resolve(cli, file).unwrap();
+        use portslice_ports::Protocol;
+        assert!(
+            c.policy
+                .check_reservation("voice", &"5060".parse().unwrap(), &[Protocol::UDP])
+                .is_ok()
+        );
+        assert!(
+            c.policy
+                .check_reservation("web", &"5060".parse().unwrap(), &[Protocol::UDP])
+                .is_err()
+        );
+        assert!(
+            c.policy
+                .check_reservation("voice", &"16443".parse().unwrap(), &[Protocol::TCP])
+                .is_err()
+        );
+        assert_eq!(c.policy.quotas().for_namespace("web").ports, Some(100));
+        assert!(
+            !c.allocatable.contains(2379)
+                && !c.allocatable.contains(16443)
+                && c.allocatable.contains(6443)
+        );
+        assert!(
+            parse_file("reservations: [{ports: 5060, namespace: [x]}]").is_err(),
+            "typos are refused"
         );
     }
 

@@ -4,6 +4,7 @@
 //! - [`controller`]: the kube-rs controller that feeds the table from the API server and writes
 //!   statuses, conditions and Events.
 //! - [`leader`]: one active replica through a `coordination.k8s.io` Lease.
+//! - [`policy`]: who may hold which ports (node-critical ports, reservations, quotas); pure.
 //! - [`config`], [`metrics`], [`server`], [`telemetry`]: the operational plumbing.
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
@@ -13,6 +14,7 @@ pub mod config;
 pub mod controller;
 pub mod leader;
 pub mod metrics;
+pub mod policy;
 pub mod server;
 pub mod telemetry;
 

@@ -1,6 +1,8 @@
 //! The operator against a real kube-apiserver + etcd. Needs KUBECONFIG; run through
 //! `e2e/scripts/test-operator.sh` (not part of `cargo test --lib`).
 mod common;
+#[path = "operator/policy.rs"]
+mod policy;
 
 use std::time::{Duration, Instant};
 
@@ -144,7 +146,7 @@ async fn exact_ports_conflict_the_older_slice_wins() {
         ns.create_exact("a-older", 5060, 5061).await;
         tokio::time::sleep(Duration::from_millis(1100)).await;
         ns.create_exact("b-newer", 5061, 5062).await;
-        let _op = ns.operator(&["--quarantine", "0s"]);
+        let _op = ns.operator_with_config(&ns.reservations("5060-5069"), &["--quarantine", "0s"]);
         assert_eq!(
             ns.wait_allocated("a-older").await,
             PortRange {
@@ -416,6 +418,14 @@ async fn invalid_manifests_are_refused_with_the_cel_message() {
             ),
             ("zero", size_spec(0), "spec.size"),
             ("huge", size_spec(70000), "spec.size"),
+            (
+                "not-a-cidr",
+                PortSliceSpec {
+                    allowed_sources: vec!["198.51.100.0/24".into(), "198.51.100.0/33".into()],
+                    ..size_spec(10)
+                },
+                "allowedSources must be IPv4 CIDRs",
+            ),
         ];
         for (name, spec, needle) in cases {
             let err = ns.create(name, spec).await.expect_err(name);
@@ -430,20 +440,32 @@ async fn invalid_manifests_are_refused_with_the_cel_message() {
         let _op = ns.operator(&[]);
         ns.create_size("fixed", 10).await;
         ns.wait_allocated("fixed").await;
-        let err = ns
-            .slices()
+        for change in [json!({"size": 20}), json!({"protocols": ["UDP"]})] {
+            let err = ns
+                .slices()
+                .patch(
+                    "fixed",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "spec": change })),
+                )
+                .await
+                .expect_err("spec change after allocation");
+            assert!(
+                err.to_string().contains(
+                    "spec.size, spec.ports and spec.protocols are immutable once a range is allocated"
+                ),
+                "{change}: {err}"
+            );
+        }
+        // The source filter is no part of the allocation: it stays editable.
+        ns.slices()
             .patch(
                 "fixed",
                 &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"size": 20}})),
+                &Patch::Merge(json!({"spec": {"allowedSources": ["203.0.113.0/24"]}})),
             )
             .await
-            .expect_err("spec change after allocation");
-        assert!(
-            err.to_string()
-                .contains("spec is immutable once a range is allocated"),
-            "{err}"
-        );
+            .expect("editing allowedSources of an allocated slice");
     })
     .await;
 }

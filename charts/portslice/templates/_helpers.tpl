@@ -68,12 +68,23 @@ touching the NodePort range). e2e/tests/chart.rs keeps the two in agreement. */}
 {{- else }}
 {{- fail "node.ipDetection must be hostIP or fixed" }}
 {{- end }}
+- name: PORTSLICE_NODE_NAME
+  valueFrom:
+    fieldRef: {fieldPath: spec.nodeName}
 - name: PORTSLICE_POOL
   value: {{ include "portslice.pool" . | quote }}
 - name: PORTSLICE_NODE_PORT_RANGE
   value: {{ .Values.cluster.nodePortRange | quote }}
 - name: PORTSLICE_PIN_ROOT
   value: {{ .Values.node.pinRoot | quote }}
+- name: PORTSLICE_API_SERVER_PORT
+  value: {{ .Values.cluster.apiServerPort | quote }}
+{{- /* The daemon's metrics and health server: on the node address by default (the kubelet probes
+it there, Prometheus scrapes it there), never 0.0.0.0. */}}
+- name: PORTSLICE_METRICS_ADDR
+  value: {{ printf "%s:%v" (.Values.node.metricsHost | default "$(PORTSLICE_NODE_IP)") .Values.node.metricsPort | quote }}
+- name: PORTSLICE_STATE_DIR
+  value: /run/portslice
 - name: PORTSLICE_CLUSTER_CIDRS
   value: {{ concat .Values.cluster.podCIDRs .Values.cluster.serviceCIDRs | join "," | quote }}
 {{- end -}}
@@ -89,6 +100,7 @@ host paths, so paths the daemon writes into the conflist (kubeconfig) are valid 
 {{/* Host mounts shared by the node daemon and its uninstall Job. */}}
 {{- define "portslice.nodeMounts" -}}
 - {name: bpffs, mountPath: /sys/fs/bpf, mountPropagation: Bidirectional}
+- {name: state, mountPath: /run/portslice}
 - {name: cni-bin, mountPath: {{ .Values.node.cniBinDir }}}
 - {name: cni-conf, mountPath: {{ .Values.node.cniConfDir }}}
 {{- end -}}
@@ -96,8 +108,18 @@ host paths, so paths the daemon writes into the conflist (kubeconfig) are valid 
 {{- define "portslice.nodeVolumes" -}}
 - name: bpffs
   hostPath: {path: /sys/fs/bpf, type: DirectoryOrCreate}
+- name: state
+  hostPath: {path: /run/portslice, type: DirectoryOrCreate}
 - name: cni-bin
   hostPath: {path: {{ .Values.node.cniBinDir }}, type: DirectoryOrCreate}
 - name: cni-conf
   hostPath: {path: {{ .Values.node.cniConfDir }}, type: DirectoryOrCreate}
+{{- end -}}
+
+{{/* The node's own ports as [start, end] pairs with their owner, the list of
+crds/ports/src/critical.rs (NodeCritical::new): never held by a slice. */}}
+{{- define "portslice.criticalPorts" -}}
+{{- $np := splitList "-" (toString .Values.cluster.nodePortRange) -}}
+{{- $ports := list (list 22 22 "sshd") (list 2379 2380 "etcd") (list (int .Values.cluster.apiServerPort) (int .Values.cluster.apiServerPort) "the Kubernetes API server") (list 10249 10249 "kube-proxy's metrics") (list 10250 10250 "the kubelet") (list 10255 10255 "the kubelet's read-only port") (list 10256 10256 "kube-proxy's health check") (list (int (first $np)) (int (last $np)) "the NodePort range (kube-proxy)") (list (int .Values.node.metricsPort) (int .Values.node.metricsPort) "the PortSlice node daemon") -}}
+{{- toJson $ports -}}
 {{- end -}}

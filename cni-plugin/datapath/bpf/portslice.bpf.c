@@ -62,21 +62,36 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } global_stats SEC(".maps");
 
+/* No LRU: an LRU shared by every pod lets one pod's (or one remote's) flood evict the others'
+ * entries. Entries are bounded per owning pod instead (PS_FRAG_QUOTA) and leave on completion or
+ * by their own timer. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, PS_FRAG_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct ps_frag_key);
 	__type(value, struct ps_frag_val);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } frags SEC(".maps");
 
+/* One slot per echo id: a pod's ids are rewritten into its own range, so it writes only its own
+ * slots and nothing is shared or evicted. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, PS_ECHO_ENTRIES);
-	__type(key, struct ps_echo_key);
-	__type(value, struct ps_echo_val);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PS_ECHO_SLOTS);
+	__type(key, __u32);
+	__type(value, struct ps_echo_slot);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } echo_ids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, PS_SRC_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for LPM tries */
+	__type(key, struct ps_src_key);
+	__type(value, struct ps_src_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} src_allow SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -91,19 +106,24 @@ struct {
 #define IP_OFFMASK 0x1fff
 #define ICMP_ECHOREPLY_ 0
 #define ICMP_DEST_UNREACH_ 3
+#define ICMP_FRAG_NEEDED_ 4 /* code of ICMP_DEST_UNREACH_ */
 #define ICMP_ECHO_ 8
 #define ICMP_TIME_EXCEEDED_ 11
 #define ICMP_PARAMETERPROB_ 12
+#define CLOCK_MONOTONIC_ 1
+#define LOOPBACK_IFINDEX_ 1 /* lo is ifindex 1 in every network namespace */
 
 /* What the parser learnt about one IPv4 packet. */
 struct pkt {
 	struct iphdr ip;
 	__u32 l4_off;
-	__u16 sport; /* host order; valid when has_ports */
+	__u32 payload_len; /* IP payload bytes of this packet (fragment) */
+	__u32 frag_end;    /* offset of this fragment's end within the datagram's payload */
+	__u16 sport;       /* host order; valid when has_ports */
 	__u16 dport;
-	__u8 has_ports;   /* TCP/UDP first (or only) fragment */
-	__u8 non_first;   /* fragment offset != 0: no L4 header */
-	__u8 more_frags;  /* MF set on a first fragment */
+	__u8 has_ports;  /* TCP/UDP first (or only) fragment */
+	__u8 non_first;  /* fragment offset != 0: no L4 header */
+	__u8 more_frags; /* MF set */
 };
 
 static __always_inline void gstat(__u32 idx)
@@ -148,8 +168,12 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		return -1;
 	if (p->ip.version != 4 || p->ip.ihl < 5)
 		return -1;
-	p->l4_off = ETH_HLEN_ + (__u32)p->ip.ihl * 4;
+	__u32 hlen = (__u32)p->ip.ihl * 4;
+	p->l4_off = ETH_HLEN_ + hlen;
+	__u32 tot = bpf_ntohs(p->ip.tot_len);
+	p->payload_len = tot > hlen ? tot - hlen : 0;
 	__u16 frag = bpf_ntohs(p->ip.frag_off);
+	p->frag_end = (__u32)(frag & IP_OFFMASK) * 8 + p->payload_len;
 	p->non_first = (frag & IP_OFFMASK) != 0;
 	p->more_frags = (frag & IP_MF) != 0;
 	p->has_ports = 0;
@@ -182,31 +206,158 @@ static __always_inline int redirect_into(__u32 ifindex, __u32 flags)
 	return bpf_redirect(ifindex, 0);
 }
 
-static __always_inline void frag_key(struct pkt *p, __u8 dir, struct ps_frag_key *k)
+/* --- Allowed sources ------------------------------------------------------------------------ */
+
+/* Is `saddr` in the allowed-source list of the pod with host ifindex `pod`? One LPM lookup,
+ * only for pods whose port slots carry PS_F_SRC_FILTER. */
+static __always_inline int source_allowed(__u32 pod, __u32 saddr)
 {
-	k->saddr = p->ip.saddr;
+	struct ps_src_key k = {.prefixlen = 64 + 32, .pod = pod, .family = PS_SRC_FAMILY_V4};
+	__builtin_memcpy(k.addr, &saddr, 4);
+	return bpf_map_lookup_elem(&src_allow, &k) != 0;
+}
+
+/* A packet for `o`'s ports that its allowed-source list refuses. Counted per pod and node-wide. */
+static __always_inline int source_refused(struct ps_port_owner *o, __u32 saddr)
+{
+	if (!(o->flags & PS_F_SRC_FILTER) || source_allowed(o->host_ifindex, saddr))
+		return 0;
+	gstat(PS_G_DROP_SOURCE);
+	struct ps_pod_stats *s = pod_stats_of(o->host_ifindex);
+	if (s)
+		__sync_fetch_and_add(&s->drop_source, 1);
+	return 1;
+}
+
+/* --- Fragments ------------------------------------------------------------------------------ */
+/*
+ * Non-first fragments carry no ports: the first fragment's verdict is recorded in "frags" and
+ * followed by the rest. Every entry belongs to one pod (the destination pod, or the sending pod
+ * for its own datagrams) and counts against that pod's quota (ps_pod_stats.frag_live, at most
+ * PS_FRAG_QUOTA). Entries are never evicted: an entry leaves when its datagram is complete (the
+ * fragments' payload adds up to the datagram's length) or when its timer fires. So a flood of
+ * first fragments, from a pod or from a remote, fills at most the quota of the pod it is aimed at
+ * and never touches another pod's entries.
+ */
+
+static __always_inline void frag_release(__u32 owner)
+{
+	struct ps_pod_stats *s = bpf_map_lookup_elem(&pod_stats, &owner);
+	if (s)
+		__sync_fetch_and_add(&s->frag_live, -1);
+}
+
+/* Timer callback: an incomplete datagram's entry expires (a fragment was lost). */
+static int frag_expired(void *map, struct ps_frag_key *key, struct ps_frag_val *val)
+{
+	__u32 owner = val->host_ifindex;
+	if (bpf_map_delete_elem(map, key) == 0)
+		frag_release(owner);
+	return 0;
+}
+
+/* dir PS_FRAG_TO_POD: src = the sender's address. PS_FRAG_FROM_POD, PS_FRAG_HAIRPIN: src = the
+ * sending pod's host ifindex, so two pods' datagrams with the same IP id never share a key. */
+static __always_inline void frag_key(struct pkt *p, __u8 dir, __u32 src, struct ps_frag_key *k)
+{
+	k->src = src;
 	k->daddr = p->ip.daddr;
 	k->ip_id = p->ip.id;
 	k->proto = p->ip.protocol;
 	k->dir = dir;
 }
 
-static __always_inline void frag_record(struct pkt *p, __u8 dir, __u32 ifindex, __u32 flags)
+static __always_inline void frag_record(struct pkt *p, __u8 dir, __u32 src, __u32 owner,
+					__u32 flags)
 {
 	struct ps_frag_key k = {};
-	struct ps_frag_val v = {.host_ifindex = ifindex, .flags = flags};
-	frag_key(p, dir, &k);
-	bpf_map_update_elem(&frags, &k, &v, BPF_ANY);
+	frag_key(p, dir, src, &k);
+	struct ps_frag_val *v = bpf_map_lookup_elem(&frags, &k);
+	if (v) {
+		/* A live entry of another pod stays: first come, nothing is evicted. */
+		if (v->host_ifindex != owner) {
+			gstat(PS_G_FRAG_UNTRACKED);
+			return;
+		}
+		/* The sender reused the IP id within the timeout: a new datagram of the same owner. */
+		v->flags = flags;
+		v->seen = p->payload_len;
+		v->total = 0;
+		bpf_timer_start(&v->timer, PS_FRAG_TIMEOUT_NS, 0);
+		return;
+	}
+	struct ps_pod_stats *s = pod_stats_of(owner);
+	if (!s) {
+		gstat(PS_G_FRAG_UNTRACKED);
+		return;
+	}
+	/* Take a share first, give it back when over quota: the bound holds under concurrency. */
+	if (__sync_fetch_and_add(&s->frag_live, 1) >= PS_FRAG_QUOTA) {
+		__sync_fetch_and_add(&s->frag_live, -1);
+		gstat(PS_G_FRAG_UNTRACKED);
+		return;
+	}
+	struct ps_frag_val nv = {.host_ifindex = owner, .flags = flags, .seen = p->payload_len};
+	if (bpf_map_update_elem(&frags, &k, &nv, BPF_NOEXIST) < 0) {
+		__sync_fetch_and_add(&s->frag_live, -1);
+		gstat(PS_G_FRAG_UNTRACKED);
+		return;
+	}
+	v = bpf_map_lookup_elem(&frags, &k);
+	if (!v)
+		return; /* already completed and removed by a racing fragment, which released it */
+	if (bpf_timer_init(&v->timer, &frags, CLOCK_MONOTONIC_) < 0 ||
+	    bpf_timer_set_callback(&v->timer, frag_expired) < 0 ||
+	    bpf_timer_start(&v->timer, PS_FRAG_TIMEOUT_NS, 0) < 0) {
+		/* An entry that cannot expire would hold its share for good. */
+		if (bpf_map_delete_elem(&frags, &k) == 0)
+			__sync_fetch_and_add(&s->frag_live, -1);
+	}
 }
 
-static __always_inline struct ps_frag_val *frag_lookup(struct pkt *p, __u8 dir)
+/* A non-first fragment: the owner its first fragment recorded, if any (0 when found). Adds the
+ * fragment's bytes and removes the entry once the datagram is complete, so a complete datagram
+ * holds no share of the quota. Whichever fragment completes the sum (after the last fragment set
+ * the total) removes it; reordered fragments are fine. */
+static __always_inline int frag_follow(struct pkt *p, __u8 dir, __u32 src, __u32 *owner,
+				       __u32 *flags)
 {
 	struct ps_frag_key k = {};
-	frag_key(p, dir, &k);
-	return bpf_map_lookup_elem(&frags, &k);
+	frag_key(p, dir, src, &k);
+	struct ps_frag_val *v = bpf_map_lookup_elem(&frags, &k);
+	if (!v)
+		return -1;
+	*owner = v->host_ifindex;
+	*flags = v->flags;
+	if (!p->more_frags)
+		v->total = p->frag_end;
+	__u32 seen = __sync_fetch_and_add(&v->seen, p->payload_len) + p->payload_len;
+	__u32 total = *(volatile __u32 *)&v->total;
+	if (total && seen >= total && bpf_map_delete_elem(&frags, &k) == 0)
+		frag_release(*owner);
+	return 0;
 }
 
-/* ICMP to the node address: echo replies by recorded id, errors by the inner header. */
+/* --- Echo ids ------------------------------------------------------------------------------- */
+
+/* The slot of a (rewritten) echo id, if a pod sent a request with it to `remote` lately. The
+ * remote is part of the match so that the host's own pings, whose ids may fall in a slice's
+ * range, keep their replies from every other remote. */
+static __always_inline struct ps_echo_slot *echo_slot(__u16 id_net, __u32 remote)
+{
+	__u32 slot = bpf_ntohs(id_net);
+	struct ps_echo_slot *e = bpf_map_lookup_elem(&echo_ids, &slot);
+	if (!e || !e->host_ifindex || e->remote != remote)
+		return 0;
+	__u32 now = (__u32)(bpf_ktime_get_ns() >> 30);
+	if (now - e->stamp > PS_ECHO_TTL_UNITS)
+		return 0;
+	return e;
+}
+
+/* --- ps_ingress ----------------------------------------------------------------------------- */
+
+/* ICMP to the node address: echo replies by their id's slot, errors by the inner header. */
 static __always_inline int ingress_icmp(struct __sk_buff *skb, struct pkt *p, __u32 nip)
 {
 	__u8 hdr[8];
@@ -214,15 +365,15 @@ static __always_inline int ingress_icmp(struct __sk_buff *skb, struct pkt *p, __
 		return TC_ACT_OK;
 	__u8 type = hdr[0];
 	if (type == ICMP_ECHOREPLY_) {
-		struct ps_echo_key k = {.remote_ip = p->ip.saddr};
-		__builtin_memcpy(&k.id, &hdr[4], 2);
-		struct ps_echo_val *v = bpf_map_lookup_elem(&echo_ids, &k);
-		if (!v)
+		__u16 id;
+		__builtin_memcpy(&id, &hdr[4], 2);
+		struct ps_echo_slot *e = echo_slot(id, p->ip.saddr);
+		if (!e)
 			return TC_ACT_OK;
-		__u32 ifindex = v->host_ifindex, flags = v->flags;
-		__u16 orig = v->orig_id;
+		__u32 ifindex = e->host_ifindex, flags = e->flags;
+		__u16 orig = e->orig_id;
 		/* ICMP has no pseudo header: a plain 16-bit checksum fixup. */
-		if (bpf_l4_csum_replace(skb, p->l4_off + 2, k.id, orig, sizeof(__u16)) < 0)
+		if (bpf_l4_csum_replace(skb, p->l4_off + 2, id, orig, sizeof(__u16)) < 0)
 			return TC_ACT_SHOT;
 		if (bpf_skb_store_bytes(skb, p->l4_off + 4, &orig, sizeof(orig), 0) < 0)
 			return TC_ACT_SHOT;
@@ -232,7 +383,8 @@ static __always_inline int ingress_icmp(struct __sk_buff *skb, struct pkt *p, __
 	}
 	if (type != ICMP_DEST_UNREACH_ && type != ICMP_TIME_EXCEEDED_ && type != ICMP_PARAMETERPROB_)
 		return TC_ACT_OK;
-	/* The quoted header is the packet the node address sent: its source port names the pod. */
+	/* The quoted header is the packet the node address sent: its source port names the pod.
+	 * Errors are not source-filtered: routers on the path must reach the pod (PMTU). */
 	struct iphdr inner;
 	__u32 inner_off = p->l4_off + 8;
 	if (bpf_skb_load_bytes(skb, inner_off, &inner, sizeof(inner)) < 0)
@@ -256,12 +408,11 @@ static __always_inline int ingress_icmp(struct __sk_buff *skb, struct pkt *p, __
 		__u16 qid[2];
 		if (bpf_skb_load_bytes(skb, inner_l4 + 4, qid, sizeof(qid)) < 0)
 			return TC_ACT_OK;
-		struct ps_echo_key k = {.remote_ip = inner.daddr, .id = qid[0]};
-		struct ps_echo_val *v = bpf_map_lookup_elem(&echo_ids, &k);
-		if (!v)
+		struct ps_echo_slot *e = echo_slot(qid[0], inner.daddr);
+		if (!e)
 			return TC_ACT_OK;
 		gstat(PS_G_ICMP_STEERED);
-		return redirect_into(v->host_ifindex, v->flags);
+		return redirect_into(e->host_ifindex, e->flags);
 	}
 	return TC_ACT_OK;
 }
@@ -275,12 +426,12 @@ int ps_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	if (p.non_first) {
-		struct ps_frag_val *v = frag_lookup(&p, 0);
-		if (!v)
+		__u32 owner, flags;
+		if (frag_follow(&p, PS_FRAG_TO_POD, p.ip.saddr, &owner, &flags) < 0)
 			return TC_ACT_OK;
 		gstat(PS_G_FRAG_STEERED);
-		count_rx(v->host_ifindex, skb->len);
-		return redirect_into(v->host_ifindex, v->flags);
+		count_rx(owner, skb->len);
+		return redirect_into(owner, flags);
 	}
 	if (p.ip.protocol == IPPROTO_ICMP)
 		return ingress_icmp(skb, &p, nip);
@@ -291,15 +442,22 @@ int ps_ingress(struct __sk_buff *skb)
 		gstat(PS_G_PASSED);
 		return TC_ACT_OK;
 	}
+	/* lo carries only the node's own packets (from the node address every slice pod shares):
+	 * the list filters what comes from outside. */
+	if (skb->ifindex != LOOPBACK_IFINDEX_ && source_refused(o, p.ip.saddr))
+		return TC_ACT_SHOT;
 	if (p.more_frags)
-		frag_record(&p, 0, o->host_ifindex, o->flags);
+		frag_record(&p, PS_FRAG_TO_POD, p.ip.saddr, o->host_ifindex, o->flags);
 	gstat(PS_G_STEERED);
 	count_rx(o->host_ifindex, skb->len);
 	return redirect_into(o->host_ifindex, o->flags);
 }
 
+/* --- ps_pod_egress -------------------------------------------------------------------------- */
+
 /* Rewrite an echo request's id into the pod's own range so two pods using the same id towards
- * the same remote cannot collide (ids are not confined by any sysctl). */
+ * the same remote cannot collide (ids are not confined by any sysctl), and remember the original
+ * in the slot of the rewritten id: a slot of the pod's own range, which no other pod writes. */
 static __always_inline int egress_echo(struct __sk_buff *skb, struct pkt *p, struct ps_pod_info *pod,
 				       __u32 ifindex)
 {
@@ -307,11 +465,16 @@ static __always_inline int egress_echo(struct __sk_buff *skb, struct pkt *p, str
 	if (bpf_skb_load_bytes(skb, p->l4_off + 4, &orig, sizeof(orig)) < 0)
 		return -1;
 	__u32 size = (__u32)pod->port_hi - (__u32)pod->port_lo + 1;
-	__u16 rewritten = bpf_htons((__u16)(pod->port_lo + (bpf_ntohs(orig) % size)));
-	struct ps_echo_key k = {.remote_ip = p->ip.daddr, .id = rewritten};
-	struct ps_echo_val v = {.host_ifindex = ifindex, .flags = pod->flags, .orig_id = orig};
-	if (bpf_map_update_elem(&echo_ids, &k, &v, BPF_ANY) < 0)
+	__u32 slot = (__u32)pod->port_lo + (__u32)bpf_ntohs(orig) % size;
+	struct ps_echo_slot *e = bpf_map_lookup_elem(&echo_ids, &slot);
+	if (!e)
 		return -1;
+	e->host_ifindex = ifindex;
+	e->flags = pod->flags;
+	e->orig_id = orig;
+	e->remote = p->ip.daddr;
+	e->stamp = (__u32)(bpf_ktime_get_ns() >> 30);
+	__u16 rewritten = bpf_htons((__u16)slot);
 	if (rewritten == orig)
 		return 0;
 	if (bpf_l4_csum_replace(skb, p->l4_off + 2, orig, rewritten, sizeof(__u16)) < 0)
@@ -319,15 +482,62 @@ static __always_inline int egress_echo(struct __sk_buff *skb, struct pkt *p, str
 	return bpf_skb_store_bytes(skb, p->l4_off + 4, &rewritten, sizeof(rewritten), 0) < 0 ? -1 : 0;
 }
 
+/* May the pod send this ICMP error? Only about a packet it received: the quoted header must be a
+ * first (or only) fragment to the node address, on the pod's own ports and protocols (for ICMP,
+ * an echo with an id of its range), sent by the host the error goes back to. Anything else would
+ * let a pod forge errors about the host's or other pods' flows (e.g. port unreachable tearing
+ * down their connections).
+ * Never frag-needed, not even about its own flow: the remote caches a path MTU per destination
+ * address, and the node address is everyone's, so one pod would lower it for every slice and the
+ * host. A pod is an endpoint; only routers on the path send frag-needed. */
+static __always_inline int icmp_error_is_own(struct __sk_buff *skb, struct pkt *p,
+					     struct ps_pod_info *pod, __u32 nip)
+{
+	__u8 type_code[2];
+	if (bpf_skb_load_bytes(skb, p->l4_off, type_code, sizeof(type_code)) < 0)
+		return 0;
+	if (type_code[0] == ICMP_DEST_UNREACH_ && type_code[1] == ICMP_FRAG_NEEDED_)
+		return 0;
+	struct iphdr inner;
+	__u32 inner_off = p->l4_off + 8;
+	if (bpf_skb_load_bytes(skb, inner_off, &inner, sizeof(inner)) < 0)
+		return 0;
+	if (inner.version != 4 || inner.ihl < 5)
+		return 0;
+	if (inner.daddr != nip || inner.saddr != p->ip.daddr)
+		return 0;
+	if (bpf_ntohs(inner.frag_off) & IP_OFFMASK)
+		return 0; /* a non-first fragment names no port */
+	__u32 inner_l4 = inner_off + (__u32)inner.ihl * 4;
+	if (inner.protocol == IPPROTO_TCP || inner.protocol == IPPROTO_UDP) {
+		__u16 ports[2];
+		if (bpf_skb_load_bytes(skb, inner_l4, ports, sizeof(ports)) < 0)
+			return 0;
+		__u8 bit = inner.protocol == IPPROTO_TCP ? PS_P_TCP : PS_P_UDP;
+		__u16 dport = bpf_ntohs(ports[1]);
+		return (pod->protocols & bit) && dport >= pod->port_lo && dport <= pod->port_hi;
+	}
+	if (inner.protocol == IPPROTO_ICMP) {
+		__u8 h[6];
+		if (bpf_skb_load_bytes(skb, inner_l4, h, sizeof(h)) < 0)
+			return 0;
+		if (h[0] != ICMP_ECHO_ && h[0] != ICMP_ECHOREPLY_)
+			return 0;
+		__u16 id = ((__u16)h[4] << 8) | h[5];
+		return id >= pod->port_lo && id <= pod->port_hi;
+	}
+	return 0;
+}
+
 /* Is this node-address packet one the pod may send? Counts what it refuses. */
 static __always_inline int egress_allowed(struct __sk_buff *skb, struct pkt *p,
-					  struct ps_pod_info *pod, __u32 ifindex)
+					  struct ps_pod_info *pod, __u32 ifindex, __u32 nip)
 {
 	struct ps_pod_stats *s = pod_stats_of(ifindex);
 	__u8 proto = p->ip.protocol;
 	if (p->non_first) {
-		struct ps_frag_val *v = frag_lookup(p, 1);
-		if (v && v->host_ifindex == ifindex)
+		__u32 owner, flags;
+		if (frag_follow(p, PS_FRAG_FROM_POD, ifindex, &owner, &flags) == 0 && owner == ifindex)
 			return 1;
 		gstat(PS_G_DROP_FRAG);
 		if (s)
@@ -338,7 +548,7 @@ static __always_inline int egress_allowed(struct __sk_buff *skb, struct pkt *p,
 		__u8 bit = proto == IPPROTO_TCP ? PS_P_TCP : PS_P_UDP;
 		if ((pod->protocols & bit) && p->sport >= pod->port_lo && p->sport <= pod->port_hi) {
 			if (p->more_frags)
-				frag_record(p, 1, ifindex, 0);
+				frag_record(p, PS_FRAG_FROM_POD, ifindex, ifindex, 0);
 			return 1;
 		}
 		if (s)
@@ -351,9 +561,14 @@ static __always_inline int egress_allowed(struct __sk_buff *skb, struct pkt *p,
 			return 0;
 		if (type == ICMP_ECHO_)
 			return egress_echo(skb, p, pod, ifindex) == 0;
-		/* Errors the pod's kernel sends about its own flows (port unreachable...). */
-		if (type == ICMP_DEST_UNREACH_ || type == ICMP_TIME_EXCEEDED_ || type == ICMP_PARAMETERPROB_)
-			return 1;
+		if (type == ICMP_DEST_UNREACH_ || type == ICMP_TIME_EXCEEDED_ || type == ICMP_PARAMETERPROB_) {
+			if (icmp_error_is_own(skb, p, pod, nip))
+				return 1;
+			gstat(PS_G_DROP_ICMP);
+			if (s)
+				__sync_fetch_and_add(&s->drop_icmp_error, 1);
+			return 0;
+		}
 	}
 	if (s)
 		__sync_fetch_and_add(&s->drop_other, 1);
@@ -409,10 +624,13 @@ int ps_pod_egress(struct __sk_buff *skb)
 	__u32 ifindex = skb->ifindex;
 
 	if (p.ip.saddr != nip) {
-		/* The primary CNI's path. Only steer node IP:slice port (matrix row 4). */
+		/* The primary CNI's path. Only steer node IP:slice port (matrix row 4); the pod's
+		 * private address is a real source, so the slice's allowed-source list applies. */
 		if (p.ip.daddr == nip && p.has_ports) {
 			struct ps_port_owner *o = owner_of(p.ip.protocol, p.dport);
 			if (o && o->host_ifindex != ifindex) {
+				if (source_refused(o, p.ip.saddr))
+					return TC_ACT_SHOT;
 				gstat(PS_G_STEERED);
 				count_rx(o->host_ifindex, skb->len);
 				return redirect_into(o->host_ifindex, o->flags);
@@ -426,7 +644,7 @@ int ps_pod_egress(struct __sk_buff *skb)
 		gstat(PS_G_DROP_SPOOF);
 		return TC_ACT_SHOT;
 	}
-	if (!egress_allowed(skb, &p, pod, ifindex))
+	if (!egress_allowed(skb, &p, pod, ifindex, nip))
 		return TC_ACT_SHOT;
 	struct ps_pod_stats *s = pod_stats_of(ifindex);
 	if (s) {
@@ -435,20 +653,21 @@ int ps_pod_egress(struct __sk_buff *skb)
 	}
 
 	if (p.ip.daddr == nip) {
-		/* Hairpin to another slice, or the host's own port (host stack, accept_local). */
+		/* Hairpin to another slice, or the host's own port (host stack, accept_local). From
+		 * the node address, like the host's own packets: not source-filtered (see ps_ingress). */
 		if (p.has_ports) {
 			struct ps_port_owner *o = owner_of(p.ip.protocol, p.dport);
 			if (o && o->host_ifindex != ifindex) {
 				if (p.more_frags)
-					frag_record(&p, 0, o->host_ifindex, o->flags);
+					frag_record(&p, PS_FRAG_HAIRPIN, ifindex, o->host_ifindex, o->flags);
 				gstat(PS_G_STEERED);
 				count_rx(o->host_ifindex, skb->len);
 				return redirect_into(o->host_ifindex, o->flags);
 			}
 		} else if (p.non_first) {
-			struct ps_frag_val *v = frag_lookup(&p, 0);
-			if (v)
-				return redirect_into(v->host_ifindex, v->flags);
+			__u32 owner, flags;
+			if (frag_follow(&p, PS_FRAG_HAIRPIN, ifindex, &owner, &flags) == 0)
+				return redirect_into(owner, flags);
 		}
 		gstat(PS_G_PASSED);
 		return TC_ACT_OK;

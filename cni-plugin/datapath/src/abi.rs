@@ -2,6 +2,10 @@
 //! the structs of `bpf/portslice_abi.h`. `layout_matches_c_header` checks the two agree.
 #![allow(unsafe_code)] // aya::Pod is an unsafe marker trait: these are plain old data.
 
+/// The layout of this build's maps (`PS_ABI_VERSION`): its pins live under `<pin root>/v2/`.
+/// Layout 1, the first release, pinned straight under `<pin root>/maps` and `/progs`.
+pub const ABI_VERSION: u32 = 2;
+
 /// Port table slot of TCP ports: key = `PROTO_TCP * 65536 + port`.
 pub const PROTO_TCP: u32 = 0;
 /// Port table slot of UDP ports.
@@ -10,16 +14,39 @@ pub const PORT_TABLE_SIZE: u32 = 2 * 65536;
 pub const MAX_PODS: u32 = 4096;
 pub const CONTAINER_ID_LEN: usize = 128;
 pub const SLICE_KEY_LEN: usize = 256;
+/// Datagrams in flight (first fragment seen, not yet complete) per owning pod.
+pub const FRAG_QUOTA: u32 = 64;
+pub const FRAG_ENTRIES: u32 = 2 * FRAG_QUOTA * MAX_PODS;
+pub const FRAG_TIMEOUT_NS: u64 = 2_000_000_000;
+pub const ECHO_SLOTS: u32 = 65536;
+pub const ECHO_TTL_UNITS: u32 = 30;
+/// CIDRs in one slice pod's allowed-source list.
+pub const MAX_SOURCES_PER_POD: usize = 128;
+pub const SRC_ENTRIES: u32 = 2 * MAX_SOURCES_PER_POD as u32 * MAX_PODS;
+/// Bits of a `src_allow` key after its prefix length: pod id, family, 16-byte address.
+pub const SRC_KEY_BITS: u32 = 8 * (4 + 4 + 16);
+/// `SrcData::family` of IPv4 and IPv6 entries.
+pub const SRC_FAMILY_V4: u32 = 4;
+pub const SRC_FAMILY_V6: u32 = 6;
 
 /// The host ifindex is a veth: steer with `bpf_redirect_peer`.
 pub const F_PEER: u32 = 0x1;
 /// The pod holds a slice (without it the pod only gets row-4 steering).
 pub const F_SLICE: u32 = 0x2;
+/// `port_owner` only: the owner has a non-empty allowed-source list.
+pub const F_SRC_FILTER: u32 = 0x4;
 pub const P_TCP: u8 = 0x1;
 pub const P_UDP: u8 = 0x2;
 
+/// `FragKey::dir`: towards a pod, from the uplink or `lo` (`src` = the sender's address).
+pub const FRAG_TO_POD: u8 = 0;
+/// A pod's own datagram (`src` = the sending pod's host ifindex).
+pub const FRAG_FROM_POD: u8 = 1;
+/// Pod to pod on the node address (`src` = the sending pod's host ifindex).
+pub const FRAG_HAIRPIN: u8 = 2;
+
 /// Indexes of the `global_stats` array, with the names metrics export them under.
-pub const GLOBAL_STATS: [(u32, &str); 7] = [
+pub const GLOBAL_STATS: [(u32, &str); 10] = [
     (1, "steered"),
     (2, "passed_to_host"),
     (3, "forwarded"),
@@ -27,10 +54,13 @@ pub const GLOBAL_STATS: [(u32, &str); 7] = [
     (5, "drop_fragment"),
     (6, "icmp_steered"),
     (7, "fragment_steered"),
+    (8, "drop_icmp_error"),
+    (9, "drop_source"),
+    (10, "fragment_untracked"),
 ];
-pub const G_MAX: u32 = 8;
+pub const G_MAX: u32 = 16;
 
-/// Map names, as in the C object and as pinned under `<pin root>/maps/`.
+/// Map names, as in the C object and as pinned under `<pin root>/v<version>/maps/`.
 pub mod map {
     pub const CONFIG: &str = "config";
     pub const PORT_OWNER: &str = "port_owner";
@@ -39,14 +69,124 @@ pub mod map {
     pub const GLOBAL_STATS: &str = "global_stats";
     pub const FRAGS: &str = "frags";
     pub const ECHO_IDS: &str = "echo_ids";
+    pub const SRC_ALLOW: &str = "src_allow";
     pub const POD_META: &str = "pod_meta";
 }
 
-/// Program names, as in the C object and as pinned under `<pin root>/progs/`.
+/// Program names, as in the C object and as pinned under `<pin root>/v<version>/progs/`.
 pub mod prog {
     pub const INGRESS: &str = "ps_ingress";
     pub const POD_EGRESS: &str = "ps_pod_egress";
 }
+
+/// What a pinned map of this layout must look like. The loader checks every pin it would reuse
+/// against this (aya reuses a pin by name whatever its shape), and the privileged tests load the
+/// object, so a drift between this table and the C object fails at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    pub name: &'static str,
+    /// `BPF_MAP_TYPE_*`.
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+const BPF_MAP_TYPE_HASH: u32 = 1;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+const fn shape(
+    name: &'static str,
+    map_type: u32,
+    key: usize,
+    value: usize,
+    max_entries: u32,
+    flags: u32,
+) -> MapShape {
+    MapShape {
+        name,
+        map_type,
+        key_size: key as u32,
+        value_size: value as u32,
+        max_entries,
+        flags,
+    }
+}
+
+/// Every map of layout [`ABI_VERSION`].
+pub const MAP_SHAPES: [MapShape; 9] = {
+    use std::mem::size_of;
+    [
+        shape(
+            map::CONFIG,
+            BPF_MAP_TYPE_ARRAY,
+            4,
+            size_of::<NodeConfig>(),
+            1,
+            0,
+        ),
+        shape(
+            map::PORT_OWNER,
+            BPF_MAP_TYPE_ARRAY,
+            4,
+            size_of::<PortOwner>(),
+            PORT_TABLE_SIZE,
+            0,
+        ),
+        shape(
+            map::PODS,
+            BPF_MAP_TYPE_HASH,
+            4,
+            size_of::<PodInfo>(),
+            MAX_PODS,
+            0,
+        ),
+        shape(
+            map::POD_STATS,
+            BPF_MAP_TYPE_HASH,
+            4,
+            size_of::<PodStats>(),
+            MAX_PODS,
+            0,
+        ),
+        shape(map::GLOBAL_STATS, BPF_MAP_TYPE_ARRAY, 4, 8, G_MAX, 0),
+        shape(
+            map::FRAGS,
+            BPF_MAP_TYPE_HASH,
+            size_of::<FragKey>(),
+            size_of::<FragVal>(),
+            FRAG_ENTRIES,
+            BPF_F_NO_PREALLOC,
+        ),
+        shape(
+            map::ECHO_IDS,
+            BPF_MAP_TYPE_ARRAY,
+            4,
+            size_of::<EchoSlot>(),
+            ECHO_SLOTS,
+            0,
+        ),
+        shape(
+            map::SRC_ALLOW,
+            BPF_MAP_TYPE_LPM_TRIE,
+            size_of::<SrcKey>(),
+            size_of::<SrcVal>(),
+            SRC_ENTRIES,
+            BPF_F_NO_PREALLOC,
+        ),
+        shape(
+            map::POD_META,
+            BPF_MAP_TYPE_HASH,
+            size_of::<MetaKey>(),
+            size_of::<PodMeta>(),
+            MAX_PODS,
+            0,
+        ),
+    ]
+};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -84,12 +224,19 @@ pub struct PodStats {
     pub tx_bytes: u64,
     pub drop_src_port: u64,
     pub drop_other: u64,
+    /// ICMP errors the pod sent about flows not its own.
+    pub drop_icmp_error: u64,
+    /// Packets to the pod's ports from a source outside its allowed list.
+    pub drop_source: u64,
+    /// Fragment entries the pod owns now (a gauge: the quota's count).
+    pub frag_live: i64,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FragKey {
-    pub saddr: u32,
+    /// The sender's address (network order) for [`FRAG_TO_POD`], else the sending pod's ifindex.
+    pub src: u32,
     pub daddr: u32,
     pub ip_id: u16,
     pub proto: u8,
@@ -101,23 +248,51 @@ pub struct FragKey {
 pub struct FragVal {
     pub host_ifindex: u32,
     pub flags: u32,
+    pub seen: u32,
+    pub total: u32,
+    /// `struct bpf_timer`: opaque, owned by the kernel.
+    pub timer: [u64; 2],
 }
 
+/// Value of `echo_ids[rewritten id]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EchoKey {
-    pub remote_ip: u32,
-    pub id: u16,
-    pub _pad: u16,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EchoVal {
+pub struct EchoSlot {
+    /// 0 = never used.
     pub host_ifindex: u32,
     pub flags: u32,
+    /// Network order.
     pub orig_id: u16,
-    pub _pad: [u16; 3],
+    pub _pad: u16,
+    pub stamp: u32,
+    /// The request's destination (network order): only its replies steer to the pod.
+    pub remote: u32,
+}
+
+/// The data part of a `src_allow` key (aya's `lpm_trie::Key` adds the prefix length before it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcData {
+    /// Host veth ifindex of the slice pod (always matched whole).
+    pub pod: u32,
+    /// [`SRC_FAMILY_V4`] or [`SRC_FAMILY_V6`] (always matched whole).
+    pub family: u32,
+    /// IPv4 in the first 4 bytes (network order), or IPv6.
+    pub addr: [u8; 16],
+}
+
+/// A whole `src_allow` key as C sees it (`prefixlen` first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SrcKey {
+    pub prefixlen: u32,
+    pub data: SrcData,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SrcVal {
+    pub allow: u32,
 }
 
 #[repr(C)]
@@ -139,6 +314,28 @@ pub struct PodMeta {
     pub slice_key: [u8; SLICE_KEY_LEN],
 }
 
+/// Layout 1 (the first release), as far as reading its pins for the migration needs it: its
+/// `config`, `port_owner`, `pods` and `pod_meta` have the shapes of layout 2; its `pod_stats`
+/// is shorter; its `frags` and `echo_ids` (LRU hashes) hold only in-flight state and are not
+/// carried over.
+pub mod v1 {
+    pub const ABI_VERSION: u32 = 1;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct PodStats {
+        pub rx_packets: u64,
+        pub rx_bytes: u64,
+        pub tx_packets: u64,
+        pub tx_bytes: u64,
+        pub drop_src_port: u64,
+        pub drop_other: u64,
+    }
+
+    // SAFETY: #[repr(C)] u64 fields only, no padding.
+    unsafe impl aya::Pod for PodStats {}
+}
+
 // SAFETY: all of these are #[repr(C)] integers and byte arrays with explicit padding fields, so
 // every bit pattern is valid and there are no implicit padding bytes.
 unsafe impl aya::Pod for NodeConfig {}
@@ -147,8 +344,10 @@ unsafe impl aya::Pod for PodInfo {}
 unsafe impl aya::Pod for PodStats {}
 unsafe impl aya::Pod for FragKey {}
 unsafe impl aya::Pod for FragVal {}
-unsafe impl aya::Pod for EchoKey {}
-unsafe impl aya::Pod for EchoVal {}
+unsafe impl aya::Pod for EchoSlot {}
+unsafe impl aya::Pod for SrcData {}
+unsafe impl aya::Pod for SrcKey {}
+unsafe impl aya::Pod for SrcVal {}
 unsafe impl aya::Pod for MetaKey {}
 unsafe impl aya::Pod for PodMeta {}
 
@@ -187,12 +386,20 @@ mod tests {
         assert_eq!(size_of::<PortOwner>(), 8);
         assert_eq!(size_of::<PodInfo>(), 16);
         assert_eq!(offset_of!(PodInfo, protocols), 12);
-        assert_eq!(size_of::<PodStats>(), 48);
+        assert_eq!(size_of::<PodStats>(), 72);
+        assert_eq!(size_of::<v1::PodStats>(), 48);
         assert_eq!(size_of::<FragKey>(), 12);
-        assert_eq!(size_of::<EchoKey>(), 8);
-        assert_eq!(size_of::<EchoVal>(), 16);
+        assert_eq!(size_of::<FragVal>(), 32);
+        assert_eq!(size_of::<EchoSlot>(), 20);
+        assert_eq!(size_of::<SrcKey>(), 28);
+        assert_eq!(size_of::<SrcVal>(), 4);
         assert_eq!(size_of::<MetaKey>(), 128);
         assert_eq!(size_of::<PodMeta>(), 16 + SLICE_KEY_LEN);
+        // aya's LPM key is the prefix length followed by our data: the same bytes as SrcKey.
+        assert_eq!(
+            size_of::<aya::maps::lpm_trie::Key<SrcData>>(),
+            size_of::<SrcKey>()
+        );
     }
 
     /// Compiles a probe against the real header with the host C compiler and compares every
@@ -200,6 +407,7 @@ mod tests {
     #[test]
     fn c_header_layout_matches() {
         let checks: Vec<(&str, usize)> = vec![
+            ("PS_ABI_VERSION", ABI_VERSION as usize),
             ("sizeof(struct ps_node_config)", size_of::<NodeConfig>()),
             (
                 "offsetof(struct ps_node_config, uplink_ifindex)",
@@ -232,7 +440,23 @@ mod tests {
                 "offsetof(struct ps_pod_stats, drop_other)",
                 offset_of!(PodStats, drop_other),
             ),
+            (
+                "offsetof(struct ps_pod_stats, drop_icmp_error)",
+                offset_of!(PodStats, drop_icmp_error),
+            ),
+            (
+                "offsetof(struct ps_pod_stats, drop_source)",
+                offset_of!(PodStats, drop_source),
+            ),
+            (
+                "offsetof(struct ps_pod_stats, frag_live)",
+                offset_of!(PodStats, frag_live),
+            ),
             ("sizeof(struct ps_frag_key)", size_of::<FragKey>()),
+            (
+                "offsetof(struct ps_frag_key, daddr)",
+                offset_of!(FragKey, daddr),
+            ),
             (
                 "offsetof(struct ps_frag_key, ip_id)",
                 offset_of!(FragKey, ip_id),
@@ -246,13 +470,45 @@ mod tests {
                 offset_of!(FragKey, dir),
             ),
             ("sizeof(struct ps_frag_val)", size_of::<FragVal>()),
-            ("sizeof(struct ps_echo_key)", size_of::<EchoKey>()),
-            ("offsetof(struct ps_echo_key, id)", offset_of!(EchoKey, id)),
-            ("sizeof(struct ps_echo_val)", size_of::<EchoVal>()),
             (
-                "offsetof(struct ps_echo_val, orig_id)",
-                offset_of!(EchoVal, orig_id),
+                "offsetof(struct ps_frag_val, seen)",
+                offset_of!(FragVal, seen),
             ),
+            (
+                "offsetof(struct ps_frag_val, total)",
+                offset_of!(FragVal, total),
+            ),
+            (
+                "offsetof(struct ps_frag_val, timer)",
+                offset_of!(FragVal, timer),
+            ),
+            ("sizeof(struct ps_echo_slot)", size_of::<EchoSlot>()),
+            (
+                "offsetof(struct ps_echo_slot, flags)",
+                offset_of!(EchoSlot, flags),
+            ),
+            (
+                "offsetof(struct ps_echo_slot, orig_id)",
+                offset_of!(EchoSlot, orig_id),
+            ),
+            (
+                "offsetof(struct ps_echo_slot, stamp)",
+                offset_of!(EchoSlot, stamp),
+            ),
+            ("sizeof(struct ps_src_key)", size_of::<SrcKey>()),
+            (
+                "offsetof(struct ps_src_key, pod)",
+                offset_of!(SrcKey, data) + offset_of!(SrcData, pod),
+            ),
+            (
+                "offsetof(struct ps_src_key, family)",
+                offset_of!(SrcKey, data) + offset_of!(SrcData, family),
+            ),
+            (
+                "offsetof(struct ps_src_key, addr)",
+                offset_of!(SrcKey, data) + offset_of!(SrcData, addr),
+            ),
+            ("sizeof(struct ps_src_val)", size_of::<SrcVal>()),
             ("sizeof(struct ps_meta_key)", size_of::<MetaKey>()),
             ("sizeof(struct ps_pod_meta)", size_of::<PodMeta>()),
             (
@@ -271,12 +527,50 @@ mod tests {
             ("PS_MAX_PODS", MAX_PODS as usize),
             ("PS_CONTAINER_ID_LEN", CONTAINER_ID_LEN),
             ("PS_SLICE_KEY_LEN", SLICE_KEY_LEN),
+            ("PS_FRAG_QUOTA", FRAG_QUOTA as usize),
+            ("PS_FRAG_ENTRIES", FRAG_ENTRIES as usize),
+            ("PS_FRAG_TIMEOUT_NS", FRAG_TIMEOUT_NS as usize),
+            ("PS_ECHO_SLOTS", ECHO_SLOTS as usize),
+            ("PS_ECHO_TTL_UNITS", ECHO_TTL_UNITS as usize),
+            ("PS_MAX_SOURCES_PER_POD", MAX_SOURCES_PER_POD),
+            ("PS_SRC_ENTRIES", SRC_ENTRIES as usize),
+            ("PS_SRC_KEY_BITS", SRC_KEY_BITS as usize),
+            ("PS_SRC_FAMILY_V4", SRC_FAMILY_V4 as usize),
+            ("PS_SRC_FAMILY_V6", SRC_FAMILY_V6 as usize),
             ("PS_F_PEER", F_PEER as usize),
             ("PS_F_SLICE", F_SLICE as usize),
+            ("PS_F_SRC_FILTER", F_SRC_FILTER as usize),
             ("PS_P_TCP", P_TCP as usize),
             ("PS_P_UDP", P_UDP as usize),
+            ("PS_FRAG_TO_POD", FRAG_TO_POD as usize),
+            ("PS_FRAG_FROM_POD", FRAG_FROM_POD as usize),
+            ("PS_FRAG_HAIRPIN", FRAG_HAIRPIN as usize),
             ("PS_G_MAX", G_MAX as usize),
         ];
+        // Every named global counter has its index in the header.
+        let names = [
+            ("PS_G_STEERED", "steered"),
+            ("PS_G_PASSED", "passed_to_host"),
+            ("PS_G_FORWARDED", "forwarded"),
+            ("PS_G_DROP_SPOOF", "drop_spoof"),
+            ("PS_G_DROP_FRAG", "drop_fragment"),
+            ("PS_G_ICMP_STEERED", "icmp_steered"),
+            ("PS_G_FRAG_STEERED", "fragment_steered"),
+            ("PS_G_DROP_ICMP", "drop_icmp_error"),
+            ("PS_G_DROP_SOURCE", "drop_source"),
+            ("PS_G_FRAG_UNTRACKED", "fragment_untracked"),
+        ];
+        let mut checks = checks;
+        for (c, name) in names {
+            let idx = GLOBAL_STATS
+                .iter()
+                .find(|(_, n)| *n == name)
+                .map(|(i, _)| *i as usize)
+                .unwrap_or(usize::MAX);
+            checks.push((c, idx));
+        }
+        assert_eq!(names.len(), GLOBAL_STATS.len());
+        assert!(GLOBAL_STATS.iter().all(|(i, _)| *i < G_MAX));
         let dir = std::env::temp_dir().join(format!("portslice-abi-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut src = String::from(

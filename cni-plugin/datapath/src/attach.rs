@@ -44,7 +44,8 @@ impl AttachMode {
 
     /// Attaches `prog` to `ifname` ingress. With tcx, an existing pinned link at `link_pin` is
     /// atomically switched to `prog` (no traffic gap on daemon upgrade); otherwise a new link is
-    /// created and pinned there.
+    /// created and pinned there. With clsact, our filter is replaced in place the same way
+    /// (`link_pin` is unused: the kernel keeps the filter).
     pub fn attach(
         self,
         prog: &mut SchedClassifier,
@@ -86,18 +87,36 @@ impl AttachMode {
                     // fails clearly if it is not a clsact.
                     tracing::debug!(ifname, error = %e, "clsact qdisc not added");
                 }
-                let _ = self.detach(ifname, link_pin);
-                let id = prog
-                    .attach_with_options(
-                        ifname,
-                        TcAttachType::Ingress,
-                        TcAttachOptions::Netlink(NlOptions {
-                            priority: CLSACT_PRIORITY,
-                            handle: CLSACT_HANDLE,
-                            ..Default::default()
-                        }),
-                    )
-                    .map_err(|e| err("clsact attach", &e))?;
+                // Replace in place first: RTM_NEWTFILTER for our priority/handle without
+                // NLM_F_CREATE swaps the program of the existing filter (cls_bpf "change"), so
+                // a restart or upgrade never leaves the interface without one. Detaching and
+                // attaching again would send what arrives in between to the host stack (a
+                // reset for TCP, port unreachable for UDP). Only when there is no filter yet
+                // (the kernel says ENOENT) is one created.
+                let existing = SchedClassifierLink::attached(
+                    ifname,
+                    TcAttachType::Ingress,
+                    CLSACT_PRIORITY,
+                    CLSACT_HANDLE,
+                    None,
+                )
+                .map_err(|e| err("naming the filter", &e))?;
+                let id = match prog.attach_to_link(existing) {
+                    Ok(id) => id,
+                    Err(replace) => {
+                        tracing::debug!(ifname, error = %super::loader::chain(&replace), "no filter to replace; creating it");
+                        prog.attach_with_options(
+                            ifname,
+                            TcAttachType::Ingress,
+                            TcAttachOptions::Netlink(NlOptions {
+                                priority: CLSACT_PRIORITY,
+                                handle: CLSACT_HANDLE,
+                                ..Default::default()
+                            }),
+                        )
+                        .map_err(|e| err("clsact attach", &e))?
+                    }
+                };
                 let link = prog.take_link(id).map_err(|e| err("taking link", &e))?;
                 // The filter lives in the kernel; dropping the handle would remove it.
                 std::mem::forget(link);

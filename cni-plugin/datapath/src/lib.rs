@@ -4,12 +4,15 @@
 //! # Pinned layout (one source of truth for every process)
 //!
 //! ```text
-//! <pin root>/maps/<map>            every map of bpf/portslice_abi.h (pinned by name; reused on restart)
-//! <pin root>/progs/ps_ingress      uplink + lo ingress program
-//! <pin root>/progs/ps_pod_egress   host-side veth ingress program (what a pod sends)
-//! <pin root>/links/uplink, lo      tcx links of ps_ingress
-//! <pin root>/links/pod-<ifindex>   tcx link of ps_pod_egress on a pod's host-side veth
+//! <pin root>/v2/maps/<map>          every map of bpf/portslice_abi.h (pinned by name; reused on restart)
+//! <pin root>/v2/progs/ps_ingress    uplink + lo ingress program
+//! <pin root>/v2/progs/ps_pod_egress host-side veth ingress program (what a pod sends)
+//! <pin root>/links/uplink, lo       tcx links of ps_ingress
+//! <pin root>/links/pod-<ifindex>    tcx link of ps_pod_egress on a pod's host-side veth
 //! ```
+//!
+//! `v2` is the ABI version ([`abi::ABI_VERSION`]); [`layout`] has the rules, [`loader`] the
+//! upgrade from layout 1.
 //!
 //! The daemon (`portslice daemon`) loads and pins all of it; the CNI plugin only opens the pins:
 //!
@@ -20,6 +23,8 @@
 //! let mut dp = PinnedDatapath::open(Path::new(DEFAULT_PIN_ROOT))?; // NotLoaded if the daemon is not up
 //! dp.attach_pod(pod)?;                         // ADD (idempotent)
 //! dp.check_pod(pod)?;                          // CHECK
+//! let sources = ["203.0.113.0/24".parse::<SourceCidr>().unwrap()];
+//! dp.set_allowed_sources(&pod.container_id, &sources)?; // only these may reach its ports
 //! dp.detach_pod(&pod.container_id, Some(pod.host_veth_ifindex))?; // DEL (idempotent)
 //! let _all = dp.list_pods()?;                  // GC
 //! # Ok(()) }
@@ -36,7 +41,10 @@
 
 pub mod abi;
 mod attach;
+pub mod layout;
 pub mod loader;
+mod migrate;
+pub mod sources;
 pub mod table;
 
 use std::{
@@ -46,9 +54,10 @@ use std::{
 };
 
 pub use attach::AttachMode;
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError};
 use portslice_netns::{NetnsError, iface, sysctl};
 pub use portslice_ports::{PortRange, Protocol};
+pub use sources::{SourceCidr, SourceCidrError};
 
 /// Where the daemon pins everything unless told otherwise.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/portslice";
@@ -108,7 +117,7 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
 
 /// A pinned map of the wrong type or shape: not our layout.
 fn pin_err(pin_root: &Path, map: &'static str) -> impl Fn(MapError) -> DatapathError {
-    let path = pin_root.join("maps").join(map);
+    let path = layout::map_pin(pin_root, map);
     move |source| DatapathError::Pin {
         path: path.clone(),
         detail: source.to_string(),
@@ -150,17 +159,19 @@ pub struct PinnedDatapath {
     pod_stats: HashMap<MapData, u32, abi::PodStats>,
     pod_meta: HashMap<MapData, abi::MetaKey, abi::PodMeta>,
     global_stats: Array<MapData, u64>,
+    src_allow: LpmTrie<MapData, abi::SrcData, abi::SrcVal>,
 }
 
-/// Opens one pinned map: [`DatapathError::NotLoaded`] when its pin is absent, [`DatapathError::Pin`]
-/// when a pin is there but unusable. Every caller opens the datapath through this one path, so a
-/// corrupt pin is an error for every verb, never "not loaded" for some.
+/// Opens one pinned map of this layout. The layout's directory appears only complete, so an
+/// absent map inside it is as unusable as a corrupt one: [`DatapathError::Pin`]. Every caller
+/// opens the datapath through this one path, so a corrupt pin is an error for every verb, never
+/// "not loaded" for some.
 fn open_map(pin_root: &Path, name: &'static str) -> Result<Map, DatapathError> {
-    let path = pin_root.join("maps").join(name);
+    let path = layout::map_pin(pin_root, name);
     if !path.exists() {
-        return Err(DatapathError::NotLoaded {
-            pin_root: pin_root.to_path_buf(),
-            detail: format!("{} is absent", path.display()),
+        return Err(DatapathError::Pin {
+            path,
+            detail: "absent from a complete layout directory".into(),
         });
     }
     let data = MapData::from_pin(&path).map_err(|e| DatapathError::Pin {
@@ -171,6 +182,34 @@ fn open_map(pin_root: &Path, name: &'static str) -> Result<Map, DatapathError> {
         path,
         detail: e.to_string(),
     })
+}
+
+/// [`DatapathError::NotLoaded`] when nothing is pinned at `pin_root`, [`DatapathError::Pin`]
+/// when only pins of another layout are: this build must not mistake them for "not loaded" (a
+/// pod would pass through unprotected) nor use them (another shape).
+fn require_layout(pin_root: &Path) -> Result<(), DatapathError> {
+    let dir = layout::dir(pin_root);
+    if dir.is_dir() {
+        return Ok(());
+    }
+    match layout::pinned_versions(pin_root).last() {
+        Some(&v) => Err(DatapathError::Pin {
+            path: pin_root.to_path_buf(),
+            detail: format!(
+                "pins of datapath layout {v} are here, and this build speaks layout {}: {}",
+                abi::ABI_VERSION,
+                if v < abi::ABI_VERSION {
+                    "the node daemon of this build migrates them when it starts"
+                } else {
+                    "a newer build pinned them; downgrades need an uninstall first"
+                }
+            ),
+        }),
+        None => Err(DatapathError::NotLoaded {
+            pin_root: pin_root.to_path_buf(),
+            detail: format!("{} is absent", dir.display()),
+        }),
+    }
 }
 
 /// Writes `net.ipv4.conf.<ifname>.<key>` of the calling thread's netns.
@@ -190,6 +229,7 @@ impl PinnedDatapath {
     /// (yet) loaded the datapath at `pin_root`, with [`DatapathError::Pin`] when what is pinned
     /// there cannot be used.
     pub fn open(pin_root: &Path) -> Result<Self, DatapathError> {
+        require_layout(pin_root)?;
         let get = |name: &'static str| open_map(pin_root, name);
         Ok(Self {
             pin_root: pin_root.to_path_buf(),
@@ -209,6 +249,9 @@ impl PinnedDatapath {
             global_stats: get(abi::map::GLOBAL_STATS)?
                 .try_into()
                 .map_err(pin_err(pin_root, abi::map::GLOBAL_STATS))?,
+            src_allow: get(abi::map::SRC_ALLOW)?
+                .try_into()
+                .map_err(pin_err(pin_root, abi::map::SRC_ALLOW))?,
         })
     }
 
@@ -227,16 +270,39 @@ impl PinnedDatapath {
 
     /// Steers the slice's ports to this pod and enforces its egress. Idempotent: the same
     /// attachment again is a no-op; a changed one replaces the old. Undoes itself on failure.
+    /// An allowed-source list stored for this container is kept (see
+    /// [`attach_pod_with_sources`](Self::attach_pod_with_sources)).
     pub fn attach_pod(&mut self, pod: &PodAttachment) -> Result<(), DatapathError> {
+        let keep = match self.stored_meta(&pod.container_id) {
+            Some(old) => self.sources_of(old.host_ifindex)?,
+            None => Vec::new(),
+        };
+        self.attach_pod_with_sources(pod, &keep)
+    }
+
+    /// [`attach_pod`](Self::attach_pod) with the pod's allowed-source list (empty: any source).
+    /// The list is in place before the first port steers to the pod, so a filtered pod is never
+    /// reachable from everyone, not even during ADD.
+    pub fn attach_pod_with_sources(
+        &mut self,
+        pod: &PodAttachment,
+        allowed_sources: &[SourceCidr],
+    ) -> Result<(), DatapathError> {
         let (key, meta) = table::meta_of(pod)?;
+        let want = sources::normalize(allowed_sources).map_err(DatapathError::Invalid)?;
+        if !want.is_empty() && pod.slice.is_none() {
+            return Err(DatapathError::Invalid(
+                "allowed sources apply to slice pods only".into(),
+            ));
+        }
         if let Ok(old) = self.pod_meta.get(&key, 0) {
             if old == meta && self.link_ok(pod.host_veth_ifindex) {
-                return Ok(());
+                return self.apply_sources(&meta, &want);
             }
             self.detach_pod(&pod.container_id, Some(old.host_ifindex))?;
         }
         let ifname = iface::name_of(pod.host_veth_ifindex)?;
-        let result = self.attach_inner(pod, &ifname, key, meta);
+        let result = self.attach_inner(pod, &ifname, key, meta, &want);
         if result.is_err() {
             let _ = self.detach_pod(&pod.container_id, Some(pod.host_veth_ifindex));
         }
@@ -249,11 +315,17 @@ impl PinnedDatapath {
         ifname: &str,
         key: abi::MetaKey,
         meta: abi::PodMeta,
+        sources: &[SourceCidr],
     ) -> Result<(), DatapathError> {
         let ifindex = pod.host_veth_ifindex;
+        let filter = if sources.is_empty() {
+            0
+        } else {
+            abi::F_SRC_FILTER
+        };
         let owner = abi::PortOwner {
             host_ifindex: ifindex,
-            flags: table::pod_flags(pod),
+            flags: table::pod_flags(pod) | filter,
         };
         let keys = table::port_keys(pod);
         // Refuse before writing anything: a port held by another pod stays with it.
@@ -275,6 +347,10 @@ impl PinnedDatapath {
         self.pod_stats
             .insert(ifindex, abi::PodStats::default(), 0)
             .map_err(map_err(abi::map::POD_STATS))?;
+        // The list before the ports: the first packet steered to the pod is already filtered.
+        for c in sources {
+            self.insert_source(ifindex, c)?;
+        }
         for &k in &keys {
             self.port_owner
                 .set(k, owner, 0)
@@ -285,13 +361,165 @@ impl PinnedDatapath {
         write_if_sysctl(ifname, "accept_local", "1")?;
         write_if_sysctl(ifname, "rp_filter", "0")?;
         let pin = pod_link_pin(&self.pin_root, ifindex);
-        if !self.link_ok(ifindex) {
-            let _ = self.mode.detach(ifname, &pin);
+        // clsact: "attached" cannot be checked (aya lists no filters), and attaching replaces
+        // our filter in place, so always attach. tcx: a link that is there is ours.
+        if self.mode == AttachMode::Clsact || !self.link_ok(ifindex) {
+            if self.mode == AttachMode::Tcx {
+                // A pin that cannot be opened as a link would block pinning the new one.
+                let _ = self.mode.detach(ifname, &pin);
+            }
             let mut prog = loader::pinned_program(&self.pin_root, abi::prog::POD_EGRESS)?;
             self.mode.attach(&mut prog, ifname, &pin)?;
         }
-        tracing::debug!(container_id = %pod.container_id, ifname, ports = keys.len(), "pod attached");
+        tracing::debug!(container_id = %pod.container_id, ifname, ports = keys.len(), sources = sources.len(), "pod attached");
         Ok(())
+    }
+
+    fn stored_meta(&self, container_id: &str) -> Option<abi::PodMeta> {
+        let key = abi::MetaKey {
+            container_id: abi::fixed(container_id)?,
+        };
+        self.pod_meta.get(&key, 0).ok()
+    }
+
+    /// Replaces the allowed-source list of an attached slice pod; empty: any source may reach
+    /// its ports. Applies to TCP/UDP (and their fragments) to the slice's ports from the uplink
+    /// and from other pods' private addresses; the node's own packets (host, other slice pods,
+    /// all from the node address) and ICMP errors (routers on the path, PMTU) are not filtered.
+    ///
+    /// The filter is stateless and applies to everything arriving on the slice's ports, replies
+    /// included: a filtered pod's own connections reach only listed peers.
+    ///
+    /// Safe while traffic flows: new entries are written before old ones go, and the pod's
+    /// "filter on" flag is set before (or cleared only after) the list is non-empty, so during
+    /// an edit the allowed set lies between old ∩ new and old ∪ new, never "anyone". At most
+    /// [`abi::MAX_SOURCES_PER_POD`] entries.
+    pub fn set_allowed_sources(
+        &mut self,
+        container_id: &str,
+        allowed_sources: &[SourceCidr],
+    ) -> Result<(), DatapathError> {
+        let want = sources::normalize(allowed_sources).map_err(DatapathError::Invalid)?;
+        let meta = self.stored_meta(container_id).ok_or_else(|| {
+            DatapathError::Invalid(format!("container {container_id} is not attached"))
+        })?;
+        if meta.has_slice == 0 {
+            if want.is_empty() {
+                return Ok(());
+            }
+            return Err(DatapathError::Invalid(format!(
+                "container {container_id} holds no slice: allowed sources apply to slice pods only"
+            )));
+        }
+        self.apply_sources(&meta, &want)
+    }
+
+    /// The allowed-source list of an attached pod (empty: any source), sorted.
+    pub fn allowed_sources(&self, container_id: &str) -> Result<Vec<SourceCidr>, DatapathError> {
+        let meta = self.stored_meta(container_id).ok_or_else(|| {
+            DatapathError::Invalid(format!("container {container_id} is not attached"))
+        })?;
+        self.sources_of(meta.host_ifindex)
+    }
+
+    /// Every list entry of the pod with host ifindex `ifindex`, sorted.
+    fn sources_of(&self, ifindex: u32) -> Result<Vec<SourceCidr>, DatapathError> {
+        let mut out = Vec::new();
+        for k in self.src_allow.keys() {
+            let k = k.map_err(map_err(abi::map::SRC_ALLOW))?;
+            if let Some((pod, c)) = sources::cidr_of(&k)
+                && pod == ifindex
+            {
+                out.push(c);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    fn insert_source(&mut self, ifindex: u32, c: &SourceCidr) -> Result<(), DatapathError> {
+        self.src_allow
+            .insert(&sources::key_of(ifindex, c), abi::SrcVal { allow: 1 }, 0)
+            .map_err(map_err(abi::map::SRC_ALLOW))
+    }
+
+    /// Moves the pod's list to `want` (normalized) in the order that never opens the filter.
+    fn apply_sources(
+        &mut self,
+        meta: &abi::PodMeta,
+        want: &[SourceCidr],
+    ) -> Result<(), DatapathError> {
+        let ifindex = meta.host_ifindex;
+        let have = self.sources_of(ifindex)?;
+        if have == want {
+            return self.set_filter_flag(meta, !want.is_empty());
+        }
+        // 1. New entries first: each one widens the set only towards the new list.
+        let mut added = Vec::new();
+        for c in want.iter().filter(|c| !have.contains(c)) {
+            if let Err(e) = self.insert_source(ifindex, c) {
+                for a in &added {
+                    let _ = self.src_allow.remove(&sources::key_of(ifindex, a));
+                }
+                return Err(e);
+            }
+            added.push(*c);
+        }
+        // 2. The flag: on while the list is non-empty. Clearing it (an empty list) is the one
+        //    step that opens the ports, which is what an empty list asks for.
+        self.set_filter_flag(meta, !want.is_empty())?;
+        // 3. Old entries last.
+        let mut errors = Vec::new();
+        for c in have.iter().filter(|c| !want.contains(c)) {
+            ignore_missing(
+                self.src_allow.remove(&sources::key_of(ifindex, c)),
+                abi::map::SRC_ALLOW,
+                &mut errors,
+            );
+        }
+        many(errors)
+    }
+
+    /// Sets or clears [`abi::F_SRC_FILTER`] on every port slot the pod holds.
+    fn set_filter_flag(&mut self, meta: &abi::PodMeta, on: bool) -> Result<(), DatapathError> {
+        if meta.has_slice == 0 {
+            return Ok(());
+        }
+        for k in table::meta_port_keys(meta) {
+            let mut o = self
+                .port_owner
+                .get(&k, 0)
+                .map_err(map_err(abi::map::PORT_OWNER))?;
+            if o.host_ifindex != meta.host_ifindex || ((o.flags & abi::F_SRC_FILTER) != 0) == on {
+                continue;
+            }
+            o.flags ^= abi::F_SRC_FILTER;
+            self.port_owner
+                .set(k, o, 0)
+                .map_err(map_err(abi::map::PORT_OWNER))?;
+        }
+        Ok(())
+    }
+
+    /// Points every attached pod's interface at the egress program pinned now (the daemon does
+    /// this after a reload, so running pods get the new program, not just new pods). Interfaces
+    /// that are gone are skipped (reconcile removes them); returns how many were pointed.
+    pub(crate) fn repoint_pods(&mut self) -> Result<usize, DatapathError> {
+        let mut prog = loader::pinned_program(&self.pin_root, abi::prog::POD_EGRESS)?;
+        let mut n = 0;
+        for pod in self.list_pods()? {
+            let Ok(ifname) = iface::name_of(pod.host_veth_ifindex) else {
+                continue;
+            };
+            let pin = pod_link_pin(&self.pin_root, pod.host_veth_ifindex);
+            match self.mode.attach(&mut prog, &ifname, &pin) {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    tracing::warn!(container_id = %pod.container_id, ifname, error = %e, "pod keeps its previous egress program")
+                }
+            }
+        }
+        Ok(n)
     }
 
     fn link_ok(&self, ifindex: u32) -> bool {
@@ -341,6 +569,19 @@ impl PinnedDatapath {
                     }
                 }
             }
+            // The list goes after the ports: nothing steers to the pod by then.
+            match self.sources_of(ifindex) {
+                Ok(list) => {
+                    for c in list {
+                        ignore_missing(
+                            self.src_allow.remove(&sources::key_of(ifindex, &c)),
+                            abi::map::SRC_ALLOW,
+                            &mut errors,
+                        );
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
             ignore_missing(self.pods.remove(&ifindex), abi::map::PODS, &mut errors);
             ignore_missing(
                 self.pod_stats.remove(&ifindex),
@@ -357,11 +598,7 @@ impl PinnedDatapath {
         if let Some(k) = key {
             ignore_missing(self.pod_meta.remove(&k), abi::map::POD_META, &mut errors);
         }
-        match errors.len() {
-            0 => Ok(()),
-            1 => Err(errors.remove(0)),
-            _ => Err(DatapathError::Many(errors)),
-        }
+        many(errors)
     }
 
     /// For CNI CHECK: the stored attachment equals `pod`, every port of its range points at
@@ -389,6 +626,7 @@ impl PinnedDatapath {
         if info != table::pod_info(pod) {
             return Err(fail("pods map entry differs".into()));
         }
+        let filtering = !self.sources_of(pod.host_veth_ifindex)?.is_empty();
         for k in table::port_keys(pod) {
             let o = self
                 .port_owner
@@ -398,6 +636,11 @@ impl PinnedDatapath {
                 return Err(fail(format!(
                     "port table key {k} points at ifindex {}",
                     o.host_ifindex
+                )));
+            }
+            if (o.flags & abi::F_SRC_FILTER != 0) != filtering {
+                return Err(fail(format!(
+                    "port table key {k} does not follow the allowed-source list (filtering: {filtering})"
                 )));
             }
         }
@@ -469,6 +712,15 @@ impl PinnedDatapath {
                     .map_err(map_err(abi::map::GLOBAL_STATS))
             })
             .collect()
+    }
+}
+
+/// One error as itself, several as [`DatapathError::Many`].
+fn many(mut errors: Vec<DatapathError>) -> Result<(), DatapathError> {
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        _ => Err(DatapathError::Many(errors)),
     }
 }
 

@@ -1,9 +1,16 @@
 //! Daemon side: load the object, pin maps/programs, attach to uplink and lo ingress.
 //!
-//! Restart/upgrade story: maps are pinned by name and *reused* (aya opens an existing pin
-//! instead of creating a map), so the port table survives; the uplink/lo tcx links are pinned
-//! and atomically switched to the new program; pod links keep running the program they were
-//! attached with (it shares the same maps) until the pod goes. Nothing is detached on exit.
+//! Restart/upgrade story. Pins live under `<pin root>/v<ABI_VERSION>/` ([`crate::layout`]):
+//! - Same layout (a restart, or an upgrade that kept the ABI): maps are pinned by name and
+//!   *reused* (aya opens an existing pin instead of creating a map), after checking each against
+//!   the shape this build expects, so the port table survives; programs are renamed over their
+//!   pins; the uplink/lo links and every pod's egress link are switched to the new programs
+//!   atomically (tcx link update, or the clsact filter replaced in place).
+//! - Layout 1 pins (the first release): the new layout is built beside them, every attachment is
+//!   copied over, the links are switched, and layout 1's pins are removed ([`crate::migrate`]).
+//! - A newer layout: refused (a downgrade needs an uninstall).
+//!
+//! Nothing is detached on exit.
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -11,22 +18,22 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::Array,
+    maps::{Array, MapInfo},
     programs::{SchedClassifier, links::PinnedLink},
 };
 
 use portslice_netns::iface;
 
-use super::{AttachMode, BPF_OBJECT, DatapathError, abi, map_err};
+use super::{AttachMode, BPF_OBJECT, DatapathError, PinnedDatapath, abi, layout, map_err, migrate};
 
 /// Pin of the ingress link on `ifname` (the uplink or `lo`).
 pub fn ingress_link_pin(pin_root: &Path, which: &str) -> PathBuf {
-    pin_root.join("links").join(which)
+    layout::links_dir(pin_root).join(which)
 }
 
 /// Opens a program the daemon pinned, ready to attach.
 pub fn pinned_program(pin_root: &Path, name: &str) -> Result<SchedClassifier, DatapathError> {
-    let path = pin_root.join("progs").join(name);
+    let path = layout::prog_pin(pin_root, name);
     SchedClassifier::from_pin(&path).map_err(|e| DatapathError::NotLoaded {
         pin_root: pin_root.to_path_buf(),
         detail: format!("opening program {}: {e}", path.display()),
@@ -47,21 +54,77 @@ pub struct NodeSetup {
     pub attach_lo: bool,
 }
 
-/// Loads (or reloads) the datapath and leaves it pinned and attached. Safe to run while traffic
-/// flows through a previous load.
+/// Every map pinned in `maps_dir` has the shape this build expects. aya reuses a pin by name
+/// whatever its shape; a program verified against a map of another shape would misread it.
+fn check_shapes(maps_dir: &Path) -> Result<(), DatapathError> {
+    for want in abi::MAP_SHAPES {
+        let path = maps_dir.join(want.name);
+        let info = MapInfo::from_pin(&path).map_err(|e| DatapathError::Pin {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let got = abi::MapShape {
+            name: want.name,
+            map_type: info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        };
+        if got != want {
+            return Err(DatapathError::Pin {
+                path,
+                detail: format!(
+                    "pinned as {got:?}, layout {} expects {want:?}: pins of another build of the same layout version (remove them with `portslice daemon --uninstall`)",
+                    abi::ABI_VERSION
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Loads (or reloads) the datapath and leaves it pinned and attached, migrating layout 1 pins.
+/// Safe to run while traffic flows through a previous load.
 pub fn load_and_pin(setup: &NodeSetup) -> Result<AttachMode, DatapathError> {
     let root = &setup.pin_root;
-    for d in ["maps", "progs", "links"] {
-        std::fs::create_dir_all(root.join(d)).map_err(io(format!(
-            "creating {} (is bpffs mounted at /sys/fs/bpf?)",
-            root.join(d).display()
-        )))?;
+    let links = layout::links_dir(root);
+    std::fs::create_dir_all(&links).map_err(io(format!(
+        "creating {} (is bpffs mounted at /sys/fs/bpf?)",
+        links.display()
+    )))?;
+    let pinned = layout::pinned_versions(root);
+    if let Some(&v) = pinned.iter().find(|&&v| v != 1 && v != abi::ABI_VERSION) {
+        return Err(DatapathError::Pin {
+            path: layout::version_dir(root, v),
+            detail: format!(
+                "pins of datapath layout {v}; this daemon speaks layout {} and migrates only layout 1: a downgrade needs `portslice daemon --uninstall` first",
+                abi::ABI_VERSION
+            ),
+        });
     }
     let uplink_ifindex = iface::index_of(&setup.uplink)?;
+    let current = layout::dir(root);
+    // A first load builds the layout in a staging directory and renames it into place once
+    // complete, so `v<N>` never exists half-built (open() calls a missing map corruption).
+    let fresh = !current.is_dir();
+    let work = if fresh {
+        let staging = layout::staging_dir(root);
+        remove_tree(&staging)?;
+        staging
+    } else {
+        current.clone()
+    };
+    for d in ["maps", "progs"] {
+        std::fs::create_dir_all(work.join(d))
+            .map_err(io(format!("creating {}", work.join(d).display())))?;
+    }
     let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(root.join("maps"))
+        .default_map_pin_directory(work.join("maps"))
         .load(BPF_OBJECT)
         .map_err(|e| DatapathError::Load(format!("{e:#}")))?;
+    // Before any program is verified against them or anything is written.
+    check_shapes(&work.join("maps"))?;
 
     {
         let map = ebpf
@@ -87,14 +150,36 @@ pub fn load_and_pin(setup: &NodeSetup) -> Result<AttachMode, DatapathError> {
             .map_err(|e| DatapathError::Load(format!("verifying {name}: {e:#}")))?;
         // Pin under a temporary name and rename over the old pin: a CNI ADD running right now
         // sees either the old or the new program, never none.
-        let pin = root.join("progs").join(name);
+        let pin = work.join("progs").join(name);
         // bpffs refuses names with a dot.
-        let tmp = root.join("progs").join(format!("{name}_new"));
+        let tmp = work.join("progs").join(format!("{name}_new"));
         let _ = std::fs::remove_file(&tmp);
         prog.pin(&tmp)
             .map_err(|e| DatapathError::Load(format!("pinning {name}: {}", chain(&e))))?;
         std::fs::rename(&tmp, &pin).map_err(io(format!("replacing pin {}", pin.display())))?;
     }
+    if fresh {
+        std::fs::rename(&work, &current).map_err(io(format!(
+            "renaming {} to {}",
+            work.display(),
+            current.display()
+        )))?;
+    }
+
+    // Layout 1's attachments go into the new maps before the new ingress program reads them.
+    let mut dp = PinnedDatapath::open(root)?;
+    let legacy = if pinned.contains(&1) {
+        let v1 = migrate::V1::open(root)?;
+        let n = v1.copy_into(&mut dp)?;
+        tracing::info!(
+            pods = n,
+            "migrating datapath layout 1 to layout {}",
+            abi::ABI_VERSION
+        );
+        Some(v1)
+    } else {
+        None
+    };
 
     let ingress: &mut SchedClassifier = ebpf
         .program_mut(abi::prog::INGRESS)
@@ -105,12 +190,52 @@ pub fn load_and_pin(setup: &NodeSetup) -> Result<AttachMode, DatapathError> {
     if setup.attach_lo {
         mode.attach(ingress, "lo", &ingress_link_pin(root, "lo"))?;
     }
-    tracing::info!(pin_root = %root.display(), uplink = %setup.uplink, node_ip = %setup.node_ip, ?mode, "datapath loaded and pinned");
+    // Running pods get the new egress program too (it may carry fixes), not only new pods.
+    let pods = dp.repoint_pods()?;
+    if let Some(v1) = legacy {
+        migrate::unpin_v1(root)?;
+        // A CNI process of the old build that opened layout 1 before the pins went may have
+        // written since the first copy: copy again from the maps still held open.
+        if v1.copy_into(&mut dp)? > 0 {
+            dp.repoint_pods()?;
+        }
+        tracing::info!("datapath layout 1 removed");
+    }
+    tracing::info!(pin_root = %root.display(), uplink = %setup.uplink, node_ip = %setup.node_ip, ?mode, pods, layout = abi::ABI_VERSION, "datapath loaded and pinned");
     Ok(mode)
 }
 
-/// Detaches everything and removes every pin under `pin_root` (daemon uninstall). Collects
-/// errors and carries on.
+/// Removes a directory of pins and everything under it; absent is fine.
+pub(crate) fn remove_tree(dir: &Path) -> Result<(), DatapathError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(DatapathError::Io {
+                what: format!("reading {}", dir.display()),
+                source: e,
+            });
+        }
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            remove_tree(&path)?;
+        } else {
+            std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DatapathError::Io {
+            what: format!("removing {}", dir.display()),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Detaches everything and removes every pin under `pin_root`, of every layout (daemon
+/// uninstall). Collects errors and carries on.
 pub fn unload(pin_root: &Path, uplink: &str) -> Result<(), DatapathError> {
     let mode = AttachMode::detect();
     let mut errors = Vec::new();
@@ -124,7 +249,15 @@ pub fn unload(pin_root: &Path, uplink: &str) -> Result<(), DatapathError> {
             }
         }
     }
-    let links = pin_root.join("links");
+    // A node never upgraded from layout 1: its pods' filters, by interface.
+    if let Ok(v1) = migrate::V1::open(pin_root) {
+        for ifindex in v1.pod_ifindexes() {
+            if let Ok(name) = iface::name_of(ifindex) {
+                let _ = mode.detach(&name, &super::pod_link_pin(pin_root, ifindex));
+            }
+        }
+    }
+    let links = layout::links_dir(pin_root);
     if let Ok(entries) = std::fs::read_dir(&links) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -146,28 +279,20 @@ pub fn unload(pin_root: &Path, uplink: &str) -> Result<(), DatapathError> {
         let _ = mode.detach(uplink, Path::new(""));
         let _ = mode.detach("lo", Path::new(""));
     }
-    for d in ["progs", "maps"] {
-        if let Ok(entries) = std::fs::read_dir(pin_root.join(d)) {
-            for e in entries.flatten() {
-                if let Err(err) = std::fs::remove_file(e.path()) {
-                    errors.push(DatapathError::Io {
-                        what: format!("removing {}", e.path().display()),
-                        source: err,
-                    });
-                }
+    if let Ok(entries) = std::fs::read_dir(pin_root) {
+        for e in entries.flatten() {
+            if let Err(err) = remove_tree(&e.path()) {
+                errors.push(err);
             }
         }
     }
-    for d in ["links", "progs", "maps", ""] {
-        let p = pin_root.join(d);
-        if let Err(err) = std::fs::remove_dir(&p)
-            && err.kind() != std::io::ErrorKind::NotFound
-        {
-            errors.push(DatapathError::Io {
-                what: format!("removing {}", p.display()),
-                source: err,
-            });
-        }
+    if let Err(err) = std::fs::remove_dir(pin_root)
+        && err.kind() != std::io::ErrorKind::NotFound
+    {
+        errors.push(DatapathError::Io {
+            what: format!("removing {}", pin_root.display()),
+            source: err,
+        });
     }
     match errors.len() {
         0 => Ok(()),
@@ -178,7 +303,7 @@ pub fn unload(pin_root: &Path, uplink: &str) -> Result<(), DatapathError> {
 /// Whether the daemon's own attachments are in place (health probe).
 pub fn healthy(pin_root: &Path, attach_lo: bool) -> Result<(), String> {
     for p in [abi::prog::INGRESS, abi::prog::POD_EGRESS] {
-        let path = pin_root.join("progs").join(p);
+        let path = layout::prog_pin(pin_root, p);
         if !path.exists() {
             return Err(format!("{} missing", path.display()));
         }

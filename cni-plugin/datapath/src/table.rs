@@ -44,6 +44,20 @@ pub fn port_keys(pod: &PodAttachment) -> Vec<u32> {
     keys
 }
 
+/// Keys of the port table a stored attachment holds (its range for each of its protocols).
+pub fn meta_port_keys(m: &abi::PodMeta) -> Vec<u32> {
+    if m.has_slice == 0 || m.port_lo == 0 || m.port_lo > m.port_hi {
+        return Vec::new();
+    }
+    let mut keys = Vec::new();
+    for (tcp, bit) in [(true, abi::P_TCP), (false, abi::P_UDP)] {
+        if m.protocols & bit != 0 {
+            keys.extend((m.port_lo..=m.port_hi).map(|port| abi::port_key(tcp, port)));
+        }
+    }
+    keys
+}
+
 /// The error for a port-table key that another pod holds.
 pub fn taken(key: u32, owner: u32) -> DatapathError {
     DatapathError::PortTaken {
@@ -165,6 +179,14 @@ mod tests {
         ))));
         assert_eq!(k, vec![65535, 131071]);
         assert!(port_keys(&pod(None)).is_empty());
+        // The stored attachment names the same keys.
+        for p in [
+            pod(Some((100, 102, vec![Protocol::UDP]))),
+            pod(Some((65534, 65535, vec![Protocol::TCP, Protocol::UDP]))),
+            pod(None),
+        ] {
+            assert_eq!(meta_port_keys(&meta_of(&p).unwrap().1), port_keys(&p));
+        }
     }
 
     #[test]

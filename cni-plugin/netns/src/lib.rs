@@ -6,6 +6,7 @@
 //!   files opened there belong to that netns.
 //! - [`sysctl`]: per-netns sysctls, addressed by path (interface names may contain dots).
 //! - [`iface`]: interface names and indexes.
+//! - [`listeners`]: the ports this netns listens on (the node's host listeners).
 //! - [`netlink`]: a synchronous rtnetlink client with typed operations on links, addresses,
 //!   routes and rules; the only place that builds or reads netlink messages.
 //! - [`plan`]: what a slice pod's netns must hold, as data (pure, unit-tested).
@@ -14,6 +15,7 @@
 
 pub mod cidr;
 pub mod iface;
+pub mod listeners;
 pub mod netlink;
 pub mod plan;
 pub mod sysctl;

@@ -39,6 +39,11 @@ impl Key {
         Self::named("net.ipv4.ip_unprivileged_port_start")
     }
 
+    /// A key by its path, as [`Self::path`] gave it (e.g. read back from a saved record).
+    pub fn from_path(path: PathBuf) -> Self {
+        Self(path)
+    }
+
     pub fn path(&self) -> &Path {
         &self.0
     }

@@ -3,6 +3,7 @@
 //! and speaks to the kernel only through the typed operations of [`crate::netlink`].
 
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
 use crate::NetnsError;
 use crate::netlink::address::Address;
@@ -38,6 +39,17 @@ pub fn pod_link(ifname: &str) -> Result<PodLink, NetnsError> {
 pub struct Applied {
     pub link: PodLink,
     saved: Vec<(Key, String)>,
+}
+
+impl Applied {
+    /// The sysctls ADD changed, with their values before: DEL puts them back
+    /// ([`teardown`]). Paths, so they can be stored between the two.
+    pub fn saved_sysctls(&self) -> Vec<(PathBuf, String)> {
+        self.saved
+            .iter()
+            .map(|(k, v)| (k.path().to_path_buf(), v.clone()))
+            .collect()
+    }
 }
 
 /// `arp_announce` of the pod interface: with two addresses on it, ARP requests must not name the
@@ -293,16 +305,25 @@ pub fn cleanup(nl: &Nl, node_ip: Ipv4Addr, ifindex: u32) -> Vec<String> {
     errors
 }
 
-/// DEL inside the pod: finds the interface and cleans up. A missing interface means the primary
-/// plugin already removed it: nothing to do.
-pub fn teardown(ifname: &str, node_ip: Ipv4Addr) -> Result<(), NetnsError> {
+/// DEL inside the pod: finds the interface, cleans up, and puts back the sysctls ADD changed
+/// (`restore`, from [`Applied::saved_sysctls`]; in reverse, as [`undo`] does). A missing
+/// interface means the primary plugin already removed it: only the sysctls are left to restore.
+pub fn teardown(
+    ifname: &str,
+    node_ip: Ipv4Addr,
+    restore: &[(PathBuf, String)],
+) -> Result<(), NetnsError> {
     let nl = Nl::new()?;
-    let ifindex = match nl.link_by_name(ifname) {
-        Ok(link) => link.index,
-        Err(NetnsError::NoInterface(_)) => return Ok(()),
+    let mut errors = match nl.link_by_name(ifname) {
+        Ok(link) => cleanup(&nl, node_ip, link.index),
+        Err(NetnsError::NoInterface(_)) => Vec::new(),
         Err(e) => return Err(e),
     };
-    let errors = cleanup(&nl, node_ip, ifindex);
+    for (path, value) in restore.iter().rev() {
+        if let Err(e) = sysctl::write(&Key::from_path(path.clone()), value) {
+            errors.push(e.to_string());
+        }
+    }
     if errors.is_empty() {
         Ok(())
     } else {

@@ -6,8 +6,11 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use portslice_crds::PortRange;
 use portslice_datapath::DEFAULT_PIN_ROOT;
+use portslice_ports::{
+    DEFAULT_API_SERVER_PORT, DEFAULT_DAEMON_PORT, DEFAULT_NODE_PORT_RANGE, NodeCritical, PortRange,
+    RangeSet,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -16,6 +19,9 @@ use super::result::CniResult;
 use super::version::Version;
 use portslice_netns::Ipv4Cidr;
 
+/// Where per-pod state lives between ADD and DEL when the config does not say (tmpfs: it goes
+/// with a reboot, as the pods' netns do).
+pub const DEFAULT_STATE_DIR: &str = "/run/portslice";
 /// How long ADD waits for the API server when the config does not say.
 pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(5);
 /// The capability containerd fills with the pod's annotations.
@@ -33,6 +39,10 @@ pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations"
 ///   "apiTimeoutMs": 5000,
 ///   "slices": { "media": "40000-40999", "team-a/sip": "5060-5061" },
 ///   "slice": "media",
+///   "nodeCritical": { "apiServerPort": 6443, "nodePortRange": "30000-32767", "daemonPorts": [9465] },
+///   "pool": "40000-59999",
+///   "stateDir": "/run/portslice",
+///   "nodeName": "worker-1",
 ///   "capabilities": { "io.kubernetes.cri.pod-annotations": true } }
 /// ```
 #[derive(Debug, Clone, Deserialize)]
@@ -60,6 +70,20 @@ struct RawConfig {
     #[serde(default)]
     slices: BTreeMap<String, String>,
     slice: Option<String>,
+    node_critical: Option<RawCritical>,
+    pool: Option<String>,
+    state_dir: Option<PathBuf>,
+    node_name: Option<String>,
+}
+
+/// `nodeCritical`: what the cluster moved of the node's own ports (see `NodeCritical`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawCritical {
+    api_server_port: Option<u16>,
+    node_port_range: Option<String>,
+    #[serde(default)]
+    daemon_ports: Vec<u16>,
 }
 
 /// One attachment in GC's valid list.
@@ -101,6 +125,18 @@ pub struct PluginConfig {
     /// cannot say per container which slice it wants (podman passes nothing but the container
     /// name). CNI_ARGS still win.
     pub network_slice: Option<String>,
+    /// `nodeCritical`: the node's own ports, never held by a slice (default: Kubernetes' usual
+    /// ports, NodePorts 30000-32767, API server 6443, daemon 9465). The daemon writes the
+    /// cluster's values.
+    pub critical: NodeCritical,
+    /// `pool`: the cluster's pool, which the daemon keeps in `ip_local_reserved_ports`; a slice's
+    /// ports outside it are reserved on the node while its pod runs (exact reservations).
+    pub pool: Option<RangeSet>,
+    /// `stateDir`: where per-pod state lives between ADD and DEL (the sysctls ADD changed).
+    pub state_dir: PathBuf,
+    /// `nodeName`: this node in Kubernetes, named in the Events ADD posts on a PortSlice the
+    /// node refuses (default: the host name).
+    pub node_name: Option<String>,
     /// `prevResult` (required for ADD and CHECK of a chained plugin).
     pub prev_result: Option<CniResult>,
     /// Pod annotations from `runtimeConfig["io.kubernetes.cri.pod-annotations"]`; `None` when
@@ -166,6 +202,19 @@ impl Envelope {
 
     pub fn default_pin_root() -> PathBuf {
         PathBuf::from(DEFAULT_PIN_ROOT)
+    }
+
+    /// `stateDir`, or the default.
+    pub fn state_dir(&self) -> PathBuf {
+        self.value
+            .get("stateDir")
+            .and_then(Value::as_str)
+            .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from)
+    }
+
+    /// `pool`, when it reads as a list of port ranges.
+    pub fn pool(&self) -> Option<RangeSet> {
+        self.value.get("pool")?.as_str()?.parse().ok()
     }
 
     /// `nodeIP`, when it is an IPv4 address.
@@ -235,6 +284,38 @@ impl PluginConfig {
                 "slice {key:?} is not a key of slices: name one of the static slices"
             )));
         }
+        let critical = match &raw.node_critical {
+            None => NodeCritical::default(),
+            Some(c) => {
+                let node_ports = match &c.node_port_range {
+                    Some(text) => text.parse::<PortRange>().map_err(|e| {
+                        invalid(
+                            &format!("nodeCritical.nodePortRange {text:?} is not a port range"),
+                            e,
+                        )
+                    })?,
+                    None => DEFAULT_NODE_PORT_RANGE,
+                };
+                let daemon = if c.daemon_ports.is_empty() {
+                    vec![DEFAULT_DAEMON_PORT]
+                } else {
+                    c.daemon_ports.clone()
+                };
+                NodeCritical::new(
+                    c.api_server_port.unwrap_or(DEFAULT_API_SERVER_PORT),
+                    node_ports,
+                    &daemon,
+                )
+            }
+        };
+        let pool = raw
+            .pool
+            .as_deref()
+            .map(|p| {
+                p.parse::<RangeSet>()
+                    .map_err(|e| invalid(&format!("pool {p:?} is not a list of port ranges"), e))
+            })
+            .transpose()?;
         let api_timeout = match raw.api_timeout_ms {
             Some(0) => return Err(invalid_msg("apiTimeoutMs must be above 0")),
             Some(ms) => Duration::from_millis(ms),
@@ -262,6 +343,12 @@ impl PluginConfig {
             api_timeout,
             slices,
             network_slice: raw.slice,
+            critical,
+            pool,
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            node_name: raw.node_name.filter(|n| !n.is_empty()),
             prev_result,
             pod_annotations,
             valid_attachments: raw.valid_attachments.or(raw.attachments),
@@ -297,6 +384,8 @@ mod tests {
         assert_eq!(c.pin_root, PathBuf::from(DEFAULT_PIN_ROOT));
         assert_eq!(c.api_timeout, DEFAULT_API_TIMEOUT);
         assert!(c.prev_result.is_none() && c.pod_annotations.is_none());
+        assert_eq!(c.critical, NodeCritical::default());
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
     }
 
     #[test]
@@ -307,6 +396,9 @@ mod tests {
         v["apiTimeoutMs"] = json!(250);
         v["slices"] = json!({"media": "40000-40999"});
         v["slice"] = json!("media");
+        v["nodeCritical"] = json!({"apiServerPort": 16443, "nodePortRange": "20000-20999", "daemonPorts": [9465, 1]});
+        v["pool"] = json!("40000-44999,50000-50999");
+        v["stateDir"] = json!("/run/ps-test");
         v["runtimeConfig"] = json!({POD_ANNOTATIONS_CAPABILITY: {"portslice.io/slice": "media"}});
         v["cni.dev/attachments"] = json!([{"containerID": "a", "ifname": "eth0"}]);
         let c = parse(v).unwrap();
@@ -320,6 +412,11 @@ mod tests {
             }
         );
         assert_eq!(c.network_slice.as_deref(), Some("media"));
+        assert!(c.critical.overlap(&"16443".parse().unwrap()).is_some());
+        assert!(c.critical.overlap(&"20500".parse().unwrap()).is_some());
+        assert!(c.critical.overlap(&"30000".parse().unwrap()).is_none());
+        assert_eq!(c.pool.unwrap().to_string(), "40000-44999,50000-50999");
+        assert_eq!(c.state_dir, PathBuf::from("/run/ps-test"));
         assert_eq!(c.pod_annotations.unwrap()["portslice.io/slice"], "media");
         assert_eq!(c.valid_attachments.unwrap()[0].container_id, "a");
     }
@@ -360,6 +457,9 @@ mod tests {
             ("runtimeConfig", json!({POD_ANNOTATIONS_CAPABILITY: ["x"]})),
             ("type", json!("")),
             ("slice", json!("not-in-slices")),
+            ("nodeCritical", json!({"nodePortRange": "x"})),
+            ("nodeCritical", json!({"apiServerPort": 6443, "typo": 1})),
+            ("pool", json!("1-2,x")),
         ];
         for (field, value) in cases {
             let mut v = base();

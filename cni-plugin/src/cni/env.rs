@@ -103,12 +103,19 @@ impl CniEnv {
 }
 
 /// `CNI_ARGS`: `KEY=VALUE` pairs separated by `;` (e.g. `IgnoreUnknown=1;K8S_POD_NAME=web`).
+/// A key given twice is refused: which one a reader takes is anyone's guess, and
+/// `PORTSLICE_RANGE=41000-41099;PORTSLICE_RANGE=1-2` must not sneak a second range past a check.
 pub fn parse_cni_args(text: &str) -> Result<BTreeMap<String, String>, CniError> {
     let mut out = BTreeMap::new();
     for pair in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some((k, v)) if !k.is_empty() => {
-                out.insert(k.to_string(), v.to_string());
+                if out.insert(k.to_string(), v.to_string()).is_some() {
+                    return Err(CniError::new(
+                        code::INVALID_ENV,
+                        format!("CNI_ARGS gives {k} more than once"),
+                    ));
+                }
             }
             _ => {
                 return Err(CniError::new(
@@ -165,6 +172,18 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         CniEnv::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn a_repeated_cni_args_key_is_refused() {
+        let e = parse_cni_args("PORTSLICE_RANGE=41000-41099;PORTSLICE_RANGE=1-2").unwrap_err();
+        assert_eq!(e.code, code::INVALID_ENV);
+        assert!(
+            e.msg.contains("PORTSLICE_RANGE more than once"),
+            "{}",
+            e.msg
+        );
+        assert_eq!(parse_cni_args("A=1;B=2").unwrap().len(), 2);
     }
 
     #[test]

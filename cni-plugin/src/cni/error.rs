@@ -40,6 +40,10 @@ pub mod code {
     pub const CHECK_FAILED: u32 = 106;
     /// The node address from the config is not usable with the previous plugin's result.
     pub const PREV_RESULT: u32 = 107;
+    /// The slice holds the node's own ports (sshd, the kubelet, the API server, NodePorts, ...).
+    pub const FORBIDDEN_PORTS: u32 = 108;
+    /// A host process on this node listens on a port of the slice.
+    pub const HOST_PORT_IN_USE: u32 = 109;
 }
 
 /// The spec's error result. `cniVersion` is the version the caller asked for (or our newest
@@ -95,11 +99,6 @@ impl CniError {
             )
         })
     }
-}
-
-/// Shorthand for an error with details taken from an underlying error's full chain.
-pub fn err_with(code: u32, msg: impl Into<String>, source: &dyn std::fmt::Display) -> CniError {
-    CniError::new(code, msg).with_details(source.to_string())
 }
 
 #[cfg(test)]

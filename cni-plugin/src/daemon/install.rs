@@ -6,14 +6,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use portslice_ports::Pool;
 use serde_json::json;
 
-use super::{DaemonArgs, conflist, ports};
+use super::{DaemonArgs, conflist};
 
 /// The plugin's `type` in the conflist and its file name in the bin dir.
 pub const PLUGIN_TYPE: &str = "portslice";
-const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 
 /// Writes through a temp file + rename so a runtime never reads a half-written file.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
@@ -33,69 +31,30 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Adds the pool to `net.ipv4.ip_local_reserved_ports` so the host never picks a pool port as
-/// an ephemeral port (matrix row 10). Keeps what was reserved before.
-pub fn reserve_pool(pool: &Pool) -> anyhow::Result<()> {
-    let cur = std::fs::read_to_string(RESERVED).context("reading ip_local_reserved_ports")?;
-    let new = ports::reserved_with(cur.trim(), pool.as_set())
-        .with_context(|| format!("ip_local_reserved_ports is {cur:?}"))?;
-    if new != cur.trim() {
-        std::fs::write(RESERVED, &new)
-            .with_context(|| format!("setting ip_local_reserved_ports={new}"))?;
-        tracing::info!(reserved = %new, "reserved the pool");
-    }
-    Ok(())
-}
-
-/// Takes the pool out of `net.ipv4.ip_local_reserved_ports` again.
-pub fn unreserve_pool(pool: &Pool) -> anyhow::Result<()> {
-    let cur = std::fs::read_to_string(RESERVED).context("reading ip_local_reserved_ports")?;
-    let new = ports::reserved_without(cur.trim(), pool.as_set())
-        .with_context(|| format!("ip_local_reserved_ports is {cur:?}"))?;
-    // An empty write is refused by some kernels; "\n" clears the list.
-    let value = if new.is_empty() {
-        "\n".to_string()
-    } else {
-        new
-    };
-    std::fs::write(RESERVED, value).context("writing ip_local_reserved_ports")?;
-    Ok(())
-}
-
-/// (protocol, port) of host sockets listening inside the pool (this netns).
-pub fn host_listeners_in_pool(pool: &Pool) -> Vec<(&'static str, u16)> {
-    let mut out = Vec::new();
-    for (file, proto, tcp) in [
-        ("/proc/net/tcp", "tcp", true),
-        ("/proc/net/tcp6", "tcp", true),
-        ("/proc/net/udp", "udp", false),
-        ("/proc/net/udp6", "udp", false),
-    ] {
-        if let Ok(t) = std::fs::read_to_string(file) {
-            out.extend(
-                ports::inside(ports::listening_ports(&t, tcp), pool.as_set())
-                    .into_iter()
-                    .map(|p| (proto, p)),
-            );
-        }
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
 /// The entry we append to the node's conflist. The CNI plugin reads `pinRoot`, `nodeIP` and
 /// `kubeconfig` from it. The `io.kubernetes.cri.pod-annotations` capability makes containerd pass
 /// the pod's annotations in `runtimeConfig`, so ADD learns the slice without reading the Pod.
 pub fn plugin_entry(args: &DaemonArgs) -> serde_json::Value {
+    let pool = portslice_ports::RangeSet::new(args.pool.iter().copied());
     let mut v = json!({
         "type": PLUGIN_TYPE,
         "pinRoot": args.pin_root,
         "nodeIP": args.node_ip.to_string(),
         "capabilities": { "io.kubernetes.cri.pod-annotations": true },
+        // The node's own ports as the cluster has them, so the plugin refuses the same ones.
+        "nodeCritical": {
+            "apiServerPort": args.api_server_port,
+            "nodePortRange": args.node_port_range.to_string(),
+            "daemonPorts": [args.metrics_addr.port()],
+        },
+        "pool": pool.to_string(),
+        "stateDir": args.state_dir,
     });
     if let Some(k) = &args.kubeconfig_out {
         v["kubeconfig"] = json!(k);
+    }
+    if let Some(n) = &args.node_name {
+        v["nodeName"] = json!(n);
     }
     if !args.cluster_cidrs.is_empty() {
         v["clusterCIDRs"] = json!(args.cluster_cidrs);

@@ -61,6 +61,8 @@ pub fn per_slice(
         e.tx_bytes += st.tx_bytes;
         e.drop_src_port += st.drop_src_port;
         e.drop_other += st.drop_other;
+        e.drop_icmp_error += st.drop_icmp_error;
+        e.drop_source += st.drop_source;
     }
     out
 }
@@ -125,7 +127,14 @@ pub fn render(pin_root: &std::path::Path, chain: Option<&ChainReport>) -> Result
         rx_b.get_or_create(&l).inc_by(s.rx_bytes);
         tx_p.get_or_create(&l).inc_by(s.tx_packets);
         tx_b.get_or_create(&l).inc_by(s.tx_bytes);
-        for (reason, v) in [("source_port", s.drop_src_port), ("other", s.drop_other)] {
+        // source_port: sent from a port outside the slice; icmp_error: an ICMP error about a
+        // flow not the pod's own; source: arrived from outside the slice's allowed sources.
+        for (reason, v) in [
+            ("source_port", s.drop_src_port),
+            ("other", s.drop_other),
+            ("icmp_error", s.drop_icmp_error),
+            ("source", s.drop_source),
+        ] {
             drops
                 .get_or_create(&DropLabels {
                     slice: slice.clone(),
@@ -229,6 +238,7 @@ mod tests {
             abi::PodStats {
                 rx_packets: 2,
                 drop_src_port: 1,
+                drop_icmp_error: 4,
                 ..Default::default()
             },
         );
@@ -236,6 +246,7 @@ mod tests {
             2,
             abi::PodStats {
                 rx_packets: 3,
+                drop_source: 2,
                 ..Default::default()
             },
         );
@@ -250,5 +261,7 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert_eq!(s["ns/x"].rx_packets, 5);
         assert_eq!(s["ns/x"].drop_src_port, 1);
+        assert_eq!(s["ns/x"].drop_icmp_error, 4);
+        assert_eq!(s["ns/x"].drop_source, 2);
     }
 }

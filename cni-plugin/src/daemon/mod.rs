@@ -1,28 +1,35 @@
 //! The node daemon, `portslice daemon ...` (a DaemonSet in a cluster).
 //!
 //! Start-up, in order: load + pin + attach the eBPF datapath (reusing pins left by a previous
-//! run, so traffic never stops across restarts and upgrades), reserve the pool in
-//! `net.ipv4.ip_local_reserved_ports` (merged with what is there), warn about host listeners in
-//! the pool, install the binary into the CNI bin dir and append itself to the node's conflist,
-//! write the kubeconfig the CNI plugin uses. Then: serve `/metrics` and `/healthz`, and reconcile
+//! run, so traffic never stops across restarts and upgrades), record what
+//! `net.ipv4.ip_local_reserved_ports` held (once) and reserve the pool in it, warn about host
+//! listeners in the pool, install the binary into the CNI bin dir and append itself to the
+//! node's conflist, write the kubeconfig the CNI plugin uses (and keep it on the current token). Then: serve `/metrics` and `/healthz`, and reconcile
 //! the pinned pod state every `--reconcile-interval` seconds. Exiting detaches nothing;
 //! `--uninstall` undoes all of it.
 //!
-//! Pure parts live in [`conflist`], [`ports`], [`reconcile`] and [`kubeconfig`]; this file and
+//! Pure parts live in [`conflist`], [`reconcile`] and [`kubeconfig`]; this file and
 //! [`install`] are the thin I/O around them.
 pub mod chain_state;
 pub mod conflist;
 pub mod install;
 pub mod kubeconfig;
 pub mod metrics;
-pub mod ports;
 pub mod reconcile;
+pub mod sources;
 
+use std::sync::Arc;
 use std::{net::Ipv4Addr, net::SocketAddr, path::PathBuf, time::Duration};
 
+use crate::cni::config::DEFAULT_STATE_DIR;
+use crate::node::lock::NodeLock;
+use crate::node::reserved_ports;
 use anyhow::Context as _;
-use portslice_ports::{DEFAULT_NODE_PORT_RANGE, Pool, PortRange};
+use portslice_netns::listeners;
+use portslice_ports::{DEFAULT_API_SERVER_PORT, DEFAULT_NODE_PORT_RANGE, Pool, PortRange};
 
+use kube::runtime::reflector::Store;
+use portslice_crds::PortSlice;
 use portslice_datapath::{DEFAULT_PIN_ROOT, PinnedDatapath, loader};
 
 /// Arguments of `portslice daemon`.
@@ -47,6 +54,17 @@ pub struct DaemonArgs {
     /// The cluster's NodePort range (kube-apiserver --service-node-port-range), kept out of pools.
     #[arg(long, env = "PORTSLICE_NODE_PORT_RANGE", default_value_t = DEFAULT_NODE_PORT_RANGE)]
     pub node_port_range: PortRange,
+    /// The API server's port on the nodes (its --secure-port): never a slice's.
+    #[arg(long, env = "PORTSLICE_API_SERVER_PORT", default_value_t = DEFAULT_API_SERVER_PORT)]
+    pub api_server_port: u16,
+    /// Where per-pod state (the sysctls ADD changed) and the reserved ports found at install live,
+    /// shared with the CNI plugin; tmpfs, so a reboot clears it with the pods.
+    #[arg(long, env = "PORTSLICE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// This node's name in Kubernetes: the plugin names it in the Events it posts on PortSlices
+    /// it refuses (default: the host name, which is the kubelet's default node name).
+    #[arg(long, env = "PORTSLICE_NODE_NAME")]
+    pub node_name: Option<String>,
     /// bpffs directory for maps, programs and links.
     #[arg(long, env = "PORTSLICE_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
     pub pin_root: PathBuf,
@@ -59,12 +77,23 @@ pub struct DaemonArgs {
     /// Do not touch the CNI bin/conf dirs (the datapath only).
     #[arg(long)]
     pub no_cni_install: bool,
-    /// Address of the /metrics and /healthz server.
-    #[arg(long, default_value = "0.0.0.0:9465")]
+    /// Address of the /metrics and /healthz server: loopback by default (the chart binds it to
+    /// the node address for scraping). Its port is one of the node's own, never a slice's.
+    #[arg(long, env = "PORTSLICE_METRICS_ADDR", default_value = "127.0.0.1:9465")]
     pub metrics_addr: SocketAddr,
-    /// Write a kubeconfig for the CNI plugin here (from the in-cluster service account).
+    /// Write a kubeconfig for the CNI plugin here, from the service account token, and rewrite
+    /// it whenever the token file changes (bound tokens rotate).
     #[arg(long)]
     pub kubeconfig_out: Option<PathBuf>,
+    /// The service account token the kubeconfig carries (a projected, rotating file).
+    #[arg(long, default_value = kubeconfig::SA_TOKEN)]
+    pub token_file: PathBuf,
+    /// The CA the kubeconfig trusts.
+    #[arg(long, default_value = kubeconfig::SA_CA)]
+    pub ca_file: PathBuf,
+    /// The API server the kubeconfig names (default: the in-cluster KUBERNETES_SERVICE_HOST).
+    #[arg(long)]
+    pub api_server: Option<String>,
     /// The cluster's pod and service CIDRs (comma-separated), written into the plugin's conflist
     /// entry: slice pods reach them from their private address (Services, cluster DNS).
     #[arg(long, env = "PORTSLICE_CLUSTER_CIDRS", value_delimiter = ',')]
@@ -92,8 +121,14 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         Pool::new(args.pool.iter().copied(), args.node_port_range).context("checking --pool")?;
     if args.uninstall {
         if let Some(secs) = args.await_daemon_exit {
-            let local = SocketAddr::from(([127, 0, 0, 1], args.metrics_addr.port()));
-            await_port_closed(local, Duration::from_secs(secs)).await?;
+            // Where the daemon listens (loopback, or the node address the chart gives it).
+            let probe = match args.metrics_addr.ip() {
+                ip if ip.is_unspecified() => {
+                    SocketAddr::from(([127, 0, 0, 1], args.metrics_addr.port()))
+                }
+                _ => args.metrics_addr,
+            };
+            await_port_closed(probe, Duration::from_secs(secs)).await?;
         }
         return uninstall(&args, &pool);
     }
@@ -104,27 +139,27 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         attach_lo: true,
     };
     loader::load_and_pin(&setup).context("bringing up the eBPF datapath")?;
-    install::reserve_pool(&pool).context("reserving the pool for slices")?;
-    for (proto, port) in install::host_listeners_in_pool(&pool) {
-        tracing::warn!(
-            proto,
-            port,
-            "a host process listens on a pool port: a slice owning it will take its traffic from the node address"
-        );
+    reserved_ports::record_original(&reserved_before(&args))
+        .context("recording ip_local_reserved_ports before install")?;
+    reserved_ports::reserve(pool.as_set()).context("reserving the pool for slices")?;
+    for l in listeners::host_listeners() {
+        if pool.contains(l.port) && l.hears(args.node_ip) {
+            tracing::warn!(
+                protocol = ?l.protocol,
+                addr = %l.addr,
+                port = l.port,
+                "a host process listens on a pool port: this node refuses slices that hold it"
+            );
+        }
     }
     let chain = chain_state::ChainState::default();
     if !args.no_cni_install {
         chain.record(install::install_cni(&args).context("installing the CNI plugin")?);
     }
-    if let Some(out) = &args.kubeconfig_out {
-        match kubeconfig::in_cluster() {
-            Some(kc) => install::write_atomic(out, kc.as_bytes(), 0o600)
-                .with_context(|| format!("writing {}", out.display()))?,
-            None => {
-                tracing::warn!(path = %out.display(), "not in a cluster: no kubeconfig written")
-            }
-        }
-    }
+    let kubeconfig = Arc::new(kubeconfig::Follower::default());
+    kubeconfig
+        .refresh(&args)
+        .context("writing the CNI plugin's kubeconfig")?;
 
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
@@ -135,7 +170,22 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         metrics::router(args.pin_root.clone(), chain.clone()),
     );
 
-    let reconciler = reconcile_loop(args.clone(), chain);
+    // With the API server at hand (in a cluster, or --api-server), slice pods' source filters
+    // follow their PortSlices' edits.
+    let slices = Arc::new(std::sync::OnceLock::new());
+    if args.kubeconfig_out.is_some()
+        && let Some(server) = kubeconfig::server(&args)
+    {
+        match sources::client(&args, server).await {
+            Ok(client) => {
+                tokio::spawn(sources::follow(args.clone(), client, slices.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "no API client: allowed sources are set at ADD only")
+            }
+        }
+    }
+    let reconciler = reconcile_loop(args.clone(), chain, kubeconfig, slices);
     tokio::select! {
         r = server => r.context("metrics server")?,
         r = reconciler => r?,
@@ -155,16 +205,27 @@ async fn shutdown_signal() {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
 }
 
-async fn reconcile_loop(args: DaemonArgs, chain: chain_state::ChainState) -> anyhow::Result<()> {
+async fn reconcile_loop(
+    args: DaemonArgs,
+    chain: chain_state::ChainState,
+    kubeconfig: Arc<kubeconfig::Follower>,
+    slices: Arc<std::sync::OnceLock<Store<PortSlice>>>,
+) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(args.reconcile_interval.max(1)));
     loop {
         tick.tick().await;
-        let (a, chain) = (args.clone(), chain.clone());
+        let (a, chain, kubeconfig) = (args.clone(), chain.clone(), kubeconfig.clone());
+        let filters = slices.get().map(sources::filters);
         // Map syscalls and file I/O are blocking: keep them off the async workers. The primary
         // CNI may write (or rewrite) its config after we started: keep our entry in it.
         let r = tokio::task::spawn_blocking(move || {
             if !a.no_cni_install {
                 chain.record(install::ensure_conflist_entry(&a)?);
+            }
+            // Bound tokens rotate: keep the plugin's kubeconfig on the current one.
+            kubeconfig.refresh(&a)?;
+            if let Some(filters) = &filters {
+                sources::sync(&a.pin_root, filters)?;
             }
             reconcile_once(&a)
         })
@@ -175,9 +236,11 @@ async fn reconcile_loop(args: DaemonArgs, chain: chain_state::ChainState) -> any
     }
 }
 
-/// One reconcile pass: removes attachments that no longer belong to a live pod.
+/// One reconcile pass: removes attachments that no longer belong to a live pod, under the node
+/// lock (a CNI ADD may be writing the same maps).
 pub fn reconcile_once(args: &DaemonArgs) -> anyhow::Result<Vec<String>> {
     let mut dp = PinnedDatapath::open(&args.pin_root)?;
+    let _lock = NodeLock::acquire(&args.pin_root, Duration::from_secs(10))?;
     let live = match &args.live_containers_file {
         Some(p) => Some(
             serde_json::from_slice::<Vec<String>>(
@@ -200,6 +263,11 @@ pub fn reconcile_once(args: &DaemonArgs) -> anyhow::Result<Vec<String>> {
         tracing::info!(container_id = %id, "removed stale attachment");
     }
     Ok(stale)
+}
+
+/// Where the reserved ports found before the first install are recorded.
+fn reserved_before(args: &DaemonArgs) -> PathBuf {
+    args.state_dir.join("reserved-ports-before")
 }
 
 /// Waits until nothing accepts TCP connections on `addr` (the daemon has exited), or fails after
@@ -234,8 +302,11 @@ fn uninstall(args: &DaemonArgs, pool: &Pool) -> anyhow::Result<()> {
     if let Err(e) = loader::unload(&args.pin_root, &args.uplink) {
         errors.push(format!("datapath: {e}"));
     }
-    if let Err(e) = install::unreserve_pool(pool) {
+    if let Err(e) = reserved_ports::restore_original(&reserved_before(args), pool.as_set()) {
         errors.push(format!("reserved ports: {e:#}"));
+    }
+    if let Err(e) = remove_state_dir(&args.state_dir) {
+        errors.push(format!("state dir {}: {e}", args.state_dir.display()));
     }
     if let Some(out) = &args.kubeconfig_out {
         let _ = std::fs::remove_file(out);
@@ -245,6 +316,28 @@ fn uninstall(args: &DaemonArgs, pool: &Pool) -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!("uninstall finished with errors: {}", errors.join("; "))
+    }
+}
+
+/// Empties the state dir and removes it, unless it is a mount point (in the chart it is the
+/// hostPath volume itself, which only the host can remove; an empty dir on tmpfs is left).
+fn remove_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+        other => other,
     }
 }
 

@@ -10,7 +10,9 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use portslice_crds::{PortSlice, SLICE_ANNOTATION};
 
-use super::{Lookup, PlanInput, SliceBinding, resolve_name, slice_from_status};
+use super::{
+    FoundSlice, Lookup, PlanInput, PortSliceRef, allowed_sources, resolve_name, slice_from_status,
+};
 use crate::cni::error::{CniError, code};
 
 /// Resolves a [`Lookup`] that needs the API server. Returns `None` for pods without a slice.
@@ -19,10 +21,10 @@ pub async fn resolve(
     input: &PlanInput<'_>,
     kubeconfig: Option<&Path>,
     timeout: Duration,
-) -> Result<Option<SliceBinding>, CniError> {
+) -> Result<Option<FoundSlice>, CniError> {
     let (namespace, name, read_pod) = match lookup {
         Lookup::NotASlicePod => return Ok(None),
-        Lookup::Known(slice) => return Ok(Some(slice)),
+        Lookup::Known(slice) => return Ok(Some(FoundSlice::known(slice))),
         Lookup::ReadSlice { namespace, name } => (namespace, name, false),
         Lookup::ReadPod { namespace, name } => (namespace, name, true),
     };
@@ -38,7 +40,7 @@ pub async fn resolve(
             match read_pod_annotation(&client, &namespace, &name).await? {
                 None => return Ok(None),
                 Some(slice) => match resolve_name(input, &slice)? {
-                    Lookup::Known(s) => return Ok(Some(s)),
+                    Lookup::Known(s) => return Ok(Some(FoundSlice::known(s))),
                     _ => slice,
                 },
             }
@@ -64,7 +66,7 @@ pub async fn resolve(
         })
 }
 
-async fn client(kubeconfig: &Path) -> Result<Client, CniError> {
+pub(crate) async fn client(kubeconfig: &Path) -> Result<Client, CniError> {
     let config_err = |e: &dyn std::fmt::Display| {
         CniError::new(
             code::INVALID_NETWORK_CONFIG,
@@ -108,11 +110,7 @@ async fn read_pod_annotation(
         .and_then(|a| a.get(SLICE_ANNOTATION).cloned()))
 }
 
-async fn read_slice(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-) -> Result<SliceBinding, CniError> {
+async fn read_slice(client: &Client, namespace: &str, name: &str) -> Result<FoundSlice, CniError> {
     let slices: Api<PortSlice> = Api::namespaced(client.clone(), namespace);
     let slice = slices
         .get_opt(name)
@@ -128,5 +126,16 @@ async fn read_slice(
             ))
         })?;
     let range = slice.status.as_ref().and_then(|s| s.range);
-    slice_from_status(namespace, name, &slice.spec.protocols, range)
+    Ok(FoundSlice {
+        binding: slice_from_status(namespace, name, &slice.spec.protocols, range)?,
+        portslice: Some(PortSliceRef {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            uid: slice.metadata.uid,
+        }),
+        allowed_sources: allowed_sources(
+            &format!("{namespace}/{name}"),
+            &slice.spec.allowed_sources,
+        )?,
+    })
 }

@@ -21,6 +21,7 @@ pub mod kube_lookup;
 use std::collections::BTreeMap;
 
 use portslice_crds::{PortRange, Protocol, SLICE_ANNOTATION};
+use portslice_datapath::SourceCidr;
 
 use crate::cni::error::{CniError, code};
 
@@ -62,6 +63,45 @@ impl PodIdentity {
 /// The slice a pod belongs to: exactly what the datapath records for it (`slice_key` is
 /// `namespace/name` for PortSlices, the config key for static slices).
 pub use portslice_datapath::SliceBinding;
+
+/// A pod's slice, and the PortSlice it was read from (none for static slices and ranges).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundSlice {
+    pub binding: SliceBinding,
+    pub portslice: Option<PortSliceRef>,
+    /// The PortSlice's `spec.allowedSources` (empty: anyone; static slices have no filter).
+    pub allowed_sources: Vec<SourceCidr>,
+}
+
+impl FoundSlice {
+    /// A slice known without the API server.
+    pub fn known(binding: SliceBinding) -> Self {
+        Self {
+            binding,
+            portslice: None,
+            allowed_sources: Vec::new(),
+        }
+    }
+}
+
+/// A PortSlice's `spec.allowedSources` as the datapath takes them. The CRD admits only CIDRs;
+/// anything else (an older CRD, a hand-edited object) is refused rather than read as "anyone".
+pub fn allowed_sources(slice: &str, list: &[String]) -> Result<Vec<SourceCidr>, CniError> {
+    list.iter()
+        .map(|text| {
+            text.parse::<SourceCidr>().map_err(|e| {
+                CniError::new(
+                    code::INVALID_NETWORK_CONFIG,
+                    format!("PortSlice {slice}: allowedSources entry {text:?} is not a CIDR"),
+                )
+                .with_details(e.to_string())
+            })
+        })
+        .collect()
+}
+
+/// The PortSlice object behind a slice: what a node's refusal Event is about.
+pub use portslice_crds::refusal::RefusedSlice as PortSliceRef;
 
 /// What must happen to find the pod's slice.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,8 +3,9 @@
 //! - this module: the netns topology (node, remote, pods) and the daemon running in it;
 //! - [`runtime`]: plugins driven exactly as libcni drives them, with conflists at every version;
 //! - [`rows`]: the rows of the connectivity matrix (docs/DESIGN.md), each written once;
-//! - [`traffic`]: servers and clients in a netns; [`latency`]: CNI timings; [`loopback`]: a relay
-//!   to the test API server.
+//! - [`traffic`]: servers and clients in a netns, crafted packets; [`latency`]: CNI timings;
+//!   [`loopback`]: a relay to the test API server; [`legacy`]: a node as the first release (datapath
+//!   layout 1) left it, for the upgrade tests.
 //!
 //! Everything lives in namespaces created here and is torn down on Drop, even when a test
 //! panics:
@@ -28,6 +29,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod latency;
+pub mod legacy;
 pub mod loopback;
 pub mod rows;
 pub mod runtime;
@@ -47,6 +49,9 @@ use portslice_netns::{Ipv4Cidr, iface, plan::PodWiring, thread::in_netns, wiring
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// Further addresses a test may give the remote ([`Topology::add_remote_address`]).
+pub const REMOTE_IP2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+pub const REMOTE_IP3: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 pub const UPLINK: &str = "up0";
 /// The daemon's metrics server inside the node netns (its own loopback: no clash between tests).
@@ -287,7 +292,13 @@ impl Topology {
         std::env::temp_dir().join(format!("portslice-daemon-{}.log", self.id))
     }
 
-    /// The daemon's common arguments (uplink, node IP, pool, pin root).
+    /// The node's state dir (shared by its daemon and plugin; the node's own, as each node
+    /// netns has its own reserved ports and pods).
+    pub fn state_dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("portslice-state-{}", self.id))
+    }
+
+    /// The daemon's common arguments (uplink, node IP, pool, pin root, state dir).
     pub fn daemon_args(&self) -> Vec<String> {
         [
             "daemon",
@@ -299,6 +310,8 @@ impl Topology {
             POOL,
             "--pin-root",
             self.pin_root.to_str().unwrap(),
+            "--state-dir",
+            self.state_dir().to_str().unwrap(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -380,8 +393,16 @@ impl Topology {
     /// routes, rules and `ip_local_port_range`. Attaches it to the datapath.
     pub fn add_pod(&mut self, slice: Option<(u16, u16)>) -> &Pod {
         self.add_pod_unattached(slice);
-        let pod = self.pods.last().unwrap();
-        let att = PodAttachment {
+        let att = self.attachment(self.pods.len() - 1);
+        self.with_datapath(move |dp| dp.attach_pod(&att).expect("attach_pod"));
+        self.pods.last().unwrap()
+    }
+
+    /// The attachment [`add_pod`](Self::add_pod) gives pod `i` (slice key `test/slice-<N>`, N the
+    /// last byte of its private address; TCP and UDP).
+    pub fn attachment(&self, i: usize) -> PodAttachment {
+        let pod = &self.pods[i];
+        PodAttachment {
             container_id: pod.container_id.clone(),
             host_veth_ifindex: pod.host_ifindex,
             pod_private_ip: pod.private_ip,
@@ -390,9 +411,33 @@ impl Topology {
                 range,
                 protocols: vec![Protocol::TCP, Protocol::UDP],
             }),
-        };
-        self.with_datapath(move |dp| dp.attach_pod(&att).expect("attach_pod"));
+        }
+    }
+
+    /// Loads the first release's datapath (layout 1) into the node, as its daemon did; no
+    /// daemon of this build runs yet.
+    pub fn start_layout1(&mut self) {
+        let root = self.pin_root.clone();
+        self.node
+            .enter(move || legacy::load(&root, NODE_IP, UPLINK))
+            .unwrap_or_else(|e| panic!("loading the layout-1 datapath: {e}"));
+    }
+
+    /// Like [`add_pod`](Self::add_pod), attached the way the first release did (layout 1).
+    pub fn add_pod_layout1(&mut self, slice: Option<(u16, u16)>) -> &Pod {
+        self.add_pod_unattached(slice);
+        let att = self.attachment(self.pods.len() - 1);
+        let root = self.pin_root.clone();
+        self.node
+            .enter(move || legacy::attach_pod(&root, &att))
+            .unwrap_or_else(|e| panic!("attaching under layout 1: {e}"));
         self.pods.last().unwrap()
+    }
+
+    /// Gives the remote another address on its uplink (a second source on the same wire).
+    pub fn add_remote_address(&self, ip: Ipv4Addr) {
+        self.remote
+            .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
     }
 
     /// Like [`add_pod`](Self::add_pod) without attaching it to the datapath (a pod of a node
@@ -494,6 +539,7 @@ impl Drop for Topology {
             .node
             .enter(move || portslice_datapath::loader::unload(&root, UPLINK));
         let _ = std::fs::remove_dir_all(&self.pin_root);
+        let _ = std::fs::remove_dir_all(self.state_dir());
         // The daemon's log is kept only when the test failed.
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(self.daemon_log());

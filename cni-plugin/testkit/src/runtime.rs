@@ -256,6 +256,7 @@ pub fn portslice_conf(t: &Topology) -> Value {
         "nodeIP": NODE_IP.to_string(),
         "clusterCIDRs": [CLUSTER_CIDR],
         "pinRoot": t.pin_root,
+        "stateDir": t.state_dir(),
     })
 }
 

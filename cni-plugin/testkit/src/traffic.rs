@@ -184,7 +184,18 @@ pub fn udp_request(
 /// Reads `/proc/net`-independent: a raw ICMP echo with a chosen id from inside `ns`; Ok(true)
 /// when an echo reply with that id and sequence came back from `dst`.
 pub fn ping_with_id(ns: &Netns, dst: Ipv4Addr, id: u16, seq: u16) -> Result<bool, String> {
-    ns.enter(move || raw_ping(dst, id, seq))
+    ns.enter(move || raw_ping(dst, id, seq, TIMEOUT))
+}
+
+/// [`ping_with_id`], waiting up to `timeout` for the reply (for a remote that holds it back).
+pub fn ping_with_id_waiting(
+    ns: &Netns,
+    dst: Ipv4Addr,
+    id: u16,
+    seq: u16,
+    timeout: Duration,
+) -> Result<bool, String> {
+    ns.enter(move || raw_ping(dst, id, seq, timeout))
 }
 
 fn csum(b: &[u8]) -> u16 {
@@ -204,7 +215,7 @@ fn csum(b: &[u8]) -> u16 {
 }
 
 #[allow(unsafe_code)]
-fn raw_ping(dst: Ipv4Addr, id: u16, seq: u16) -> Result<bool, String> {
+fn raw_ping(dst: Ipv4Addr, id: u16, seq: u16, timeout: Duration) -> Result<bool, String> {
     // SAFETY: plain libc socket calls on a socket we own and close.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
@@ -250,7 +261,7 @@ fn raw_ping(dst: Ipv4Addr, id: u16, seq: u16) -> Result<bool, String> {
             libc::close(fd);
             return Err(e);
         }
-        let deadline = std::time::Instant::now() + TIMEOUT;
+        let deadline = std::time::Instant::now() + timeout;
         let mut buf = [0u8; 1500];
         let mut ok = false;
         while std::time::Instant::now() < deadline {
@@ -475,7 +486,6 @@ pub fn udp_sees_port_unreachable(ns: &Netns, dst: SocketAddrV4) -> Result<bool, 
 /// From inside `ns` (the remote, playing a router with a smaller MTU), sends ICMP "fragmentation
 /// needed" (type 3 code 4, next-hop MTU `mtu`) to `to`, quoting a UDP datagram `quoted_src` ->
 /// `quoted_dst` as the kernel would.
-#[allow(unsafe_code)]
 pub fn send_frag_needed(
     ns: &Netns,
     to: Ipv4Addr,
@@ -483,24 +493,188 @@ pub fn send_frag_needed(
     quoted_dst: SocketAddrV4,
     mtu: u16,
 ) {
+    let mut rest = [0u8; 4];
+    rest[2..4].copy_from_slice(&mtu.to_be_bytes());
+    let icmp = icmp_error(3, 4, rest, &quoted(17, quoted_src, quoted_dst));
+    send_icmp(ns, to, icmp).expect("sending fragmentation needed");
+}
+
+/// The IPv4 header plus first 8 bytes an ICMP error quotes: a packet of protocol `proto` (6, 17)
+/// from `src` to `dst`, as if it had been 1400 bytes.
+pub fn quoted(proto: u8, src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    let mut l4 = [0u8; 8];
+    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    l4[4..6].copy_from_slice(&1380u16.to_be_bytes());
+    let mut p = ipv4(*src.ip(), *dst.ip(), proto, 0x1234, 0, &l4);
+    p[2..4].copy_from_slice(&1400u16.to_be_bytes());
+    p[10..12].copy_from_slice(&[0, 0]);
+    let c = csum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// The quoted part of an ICMP error about an ICMP echo request `src` -> `dst` with `id`.
+pub fn quoted_echo(src: Ipv4Addr, dst: Ipv4Addr, id: u16) -> Vec<u8> {
+    let mut icmp = [8u8, 0, 0, 0, 0, 0, 0, 1];
+    icmp[4..6].copy_from_slice(&id.to_be_bytes());
+    ipv4(src, dst, 1, 0x4321, 0, &icmp)
+}
+
+/// An ICMP error message: `type`, `code`, the 4 bytes after the checksum, the quoted packet.
+pub fn icmp_error(ty: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![ty, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quoted);
+    let c = csum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    icmp
+}
+
+/// An IPv4 packet (20-byte header, TTL 64) with `frag` as the flags + fragment offset word
+/// (host order: 0x2000 = MF, low 13 bits = offset in 8-byte units).
+pub fn ipv4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    id: u16,
+    frag: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut p = vec![0u8; 20];
+    p[0] = 0x45;
+    let len = (20 + payload.len()) as u16;
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p[4..6].copy_from_slice(&id.to_be_bytes());
+    p[6..8].copy_from_slice(&frag.to_be_bytes());
+    p[8] = 64;
+    p[9] = proto;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let c = csum(&p);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A UDP header + `payload` from `src` to `dst`, with its checksum.
+pub fn udp_bytes(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let len = (8 + payload.len()) as u16;
+    let mut u = Vec::with_capacity(len as usize);
+    u.extend_from_slice(&src.port().to_be_bytes());
+    u.extend_from_slice(&dst.port().to_be_bytes());
+    u.extend_from_slice(&len.to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    let mut pseudo = Vec::with_capacity(12 + u.len());
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&len.to_be_bytes());
+    pseudo.extend_from_slice(&u);
+    let c = match csum(&pseudo) {
+        0 => 0xffff,
+        c => c,
+    };
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    u
+}
+
+/// A UDP datagram `src` -> `dst` of `size` payload bytes, cut into IPv4 fragments of at most
+/// `chunk` payload bytes (a multiple of 8), all with IP id `id`, in order.
+pub fn udp_fragments(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    id: u16,
+    size: usize,
+    chunk: usize,
+) -> Vec<Vec<u8>> {
+    let mut payload = b"frag ".to_vec();
+    payload.resize(size.max(5), b'f');
+    let l4 = udp_bytes(src, dst, &payload);
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < l4.len() {
+        let end = (off + chunk).min(l4.len());
+        let mf = if end < l4.len() { 0x2000 } else { 0 };
+        out.push(ipv4(
+            *src.ip(),
+            *dst.ip(),
+            17,
+            id,
+            mf | (off / 8) as u16,
+            &l4[off..end],
+        ));
+        off = end;
+    }
+    out
+}
+
+/// Only the first fragment (MF set) of a UDP datagram `src` -> `dst` with IP id `id`: a UDP
+/// header claiming 4000 bytes and 64 bytes of them. What a fragment flood is made of.
+pub fn udp_first_fragment(src: SocketAddrV4, dst: SocketAddrV4, id: u16) -> Vec<u8> {
+    let mut l4 = vec![0u8; 72];
+    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    l4[4..6].copy_from_slice(&4008u16.to_be_bytes());
+    ipv4(*src.ip(), *dst.ip(), 17, id, 0x2000, &l4)
+}
+
+/// An ICMP echo request `src` -> `dst` with `id` as a whole IPv4 packet (for [`send_raw_ip`]).
+pub fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16) -> Vec<u8> {
+    let mut icmp = vec![8u8, 0, 0, 0];
+    icmp.extend_from_slice(&id.to_be_bytes());
+    icmp.extend_from_slice(&seq.to_be_bytes());
+    icmp.extend_from_slice(b"flood!!!");
+    let c = csum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    ipv4(src, dst, 1, seq, 0, &icmp)
+}
+
+/// Sends whole IPv4 packets (headers as given; the kernel fills in the checksum) from inside
+/// `ns` with a raw `IPPROTO_RAW` socket: fragments, spoofed sources, forged messages.
+#[allow(unsafe_code)]
+pub fn send_raw_ip(ns: &Netns, packets: Vec<Vec<u8>>) -> Result<usize, String> {
     ns.enter(move || {
-        let mut inner = [0u8; 28];
-        inner[0] = 0x45;
-        inner[2..4].copy_from_slice(&1400u16.to_be_bytes());
-        inner[8] = 64;
-        inner[9] = 17;
-        inner[12..16].copy_from_slice(&quoted_src.ip().octets());
-        inner[16..20].copy_from_slice(&quoted_dst.ip().octets());
-        let c = csum(&inner[..20]);
-        inner[10..12].copy_from_slice(&c.to_be_bytes());
-        inner[20..22].copy_from_slice(&quoted_src.port().to_be_bytes());
-        inner[22..24].copy_from_slice(&quoted_dst.port().to_be_bytes());
-        inner[24..26].copy_from_slice(&1380u16.to_be_bytes());
-        let mut icmp = vec![3u8, 4, 0, 0, 0, 0];
-        icmp.extend_from_slice(&mtu.to_be_bytes());
-        icmp.extend_from_slice(&inner);
-        let c = csum(&icmp);
-        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        // SAFETY: a raw socket we own, valid buffers and addresses; closed before returning.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
+            let mut sent = 0;
+            for p in &packets {
+                let sa = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: 0,
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes([p[16], p[17], p[18], p[19]]),
+                    },
+                    sin_zero: [0; 8],
+                };
+                let n = libc::sendto(
+                    fd,
+                    p.as_ptr().cast(),
+                    p.len(),
+                    0,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                );
+                if n > 0 {
+                    sent += 1;
+                }
+            }
+            libc::close(fd);
+            Ok(sent)
+        }
+    })
+}
+
+/// Sends one ICMP message (type, code, checksum and body as given) to `to` from inside `ns`;
+/// the kernel writes the IP header with the address its route picks as source.
+#[allow(unsafe_code)]
+pub fn send_icmp(ns: &Netns, to: Ipv4Addr, icmp: Vec<u8>) -> Result<(), String> {
+    ns.enter(move || {
         let sa = libc::sockaddr_in {
             sin_family: libc::AF_INET as u16,
             sin_port: 0,
@@ -512,7 +686,9 @@ pub fn send_frag_needed(
         // SAFETY: a raw socket we own, valid buffer and address.
         unsafe {
             let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
-            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
             let n = libc::sendto(
                 fd,
                 icmp.as_ptr().cast(),
@@ -521,8 +697,323 @@ pub fn send_frag_needed(
                 (&sa as *const libc::sockaddr_in).cast(),
                 std::mem::size_of::<libc::sockaddr_in>() as u32,
             );
-            assert!(n > 0, "sendto: {}", std::io::Error::last_os_error());
+            let e = std::io::Error::last_os_error();
             libc::close(fd);
+            if n > 0 { Ok(()) } else { Err(e.to_string()) }
+        }
+    })
+}
+
+/// One ICMP message a [`icmp_log`] saw: its source, type, code and the packet it quotes (for
+/// errors: the quoted IPv4 header and first bytes).
+#[derive(Clone, Debug)]
+pub struct IcmpSeen {
+    pub src: Ipv4Addr,
+    pub ty: u8,
+    pub code: u8,
+    pub quoted: Vec<u8>,
+}
+
+impl IcmpSeen {
+    /// (protocol, source, destination) of the quoted packet, ports for TCP/UDP (0 otherwise).
+    pub fn quoted_flow(&self) -> Option<(u8, SocketAddrV4, SocketAddrV4)> {
+        let q = &self.quoted;
+        if q.len() < 24 {
+            return None;
+        }
+        let ihl = usize::from(q[0] & 0xf) * 4;
+        let ip = |o: usize| Ipv4Addr::new(q[o], q[o + 1], q[o + 2], q[o + 3]);
+        let port = |o: usize| {
+            q.get(ihl + o..ihl + o + 2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                .unwrap_or(0)
+        };
+        let (sp, dp) = if q[9] == 6 || q[9] == 17 {
+            (port(0), port(2))
+        } else {
+            (0, 0)
+        };
+        Some((
+            q[9],
+            SocketAddrV4::new(ip(12), sp),
+            SocketAddrV4::new(ip(16), dp),
+        ))
+    }
+}
+
+/// Records every ICMP message arriving in `ns` (a raw ICMP socket gets a copy of each) until the
+/// returned [`Server`] is dropped.
+#[allow(unsafe_code)]
+pub fn icmp_log(ns: &Netns) -> (Server, Arc<std::sync::Mutex<Vec<IcmpSeen>>>) {
+    let fd = ns.enter(|| {
+        // SAFETY: a raw socket we own; closed by the recording thread.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            fd
         }
     });
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (s, out) = (stop.clone(), seen.clone());
+    let handle = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !s.load(Ordering::SeqCst) {
+            // SAFETY: buf is valid for its length.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 28 {
+                continue;
+            }
+            let n = n as usize;
+            let ihl = usize::from(buf[0] & 0xf) * 4;
+            if n < ihl + 8 {
+                continue;
+            }
+            let icmp = &buf[ihl..n];
+            if let Ok(mut v) = out.lock() {
+                v.push(IcmpSeen {
+                    src: Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]),
+                    ty: icmp[0],
+                    code: icmp[1],
+                    quoted: icmp[8..].to_vec(),
+                });
+            }
+        }
+        // SAFETY: we own fd.
+        unsafe { libc::close(fd) };
+    });
+    (
+        Server {
+            stop,
+            handle: Some(handle),
+        },
+        seen,
+    )
+}
+
+/// A remote that holds every ICMP echo request it gets until [`EchoHolder::release`], then
+/// answers them all (the kernel's own replies must be off: `net.ipv4.icmp_echo_ignore_all=1`).
+/// Lets a test keep a pod's echo state waiting while it floods.
+pub struct EchoHolder {
+    release: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Vec<(Ipv4Addr, u16)>>>,
+}
+
+impl EchoHolder {
+    /// Answers what it holds; returns the (source, id) of each request answered.
+    pub fn release(mut self) -> Vec<(Ipv4Addr, u16)> {
+        self.release.store(true, Ordering::SeqCst);
+        self.handle
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for EchoHolder {
+    fn drop(&mut self) {
+        self.release.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+pub fn echo_holder(ns: &Netns) -> EchoHolder {
+    let fd = ns.enter(|| {
+        // SAFETY: a raw socket we own; closed by the holder thread.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 20_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            fd
+        }
+    });
+    let release = Arc::new(AtomicBool::new(false));
+    let r = release.clone();
+    let handle = std::thread::spawn(move || {
+        let mut held: Vec<(Ipv4Addr, Vec<u8>)> = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut buf = [0u8; 1500];
+        while !r.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            // SAFETY: buf is valid for its length.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 28 {
+                continue;
+            }
+            let ihl = usize::from(buf[0] & 0xf) * 4;
+            let icmp = buf[ihl..n as usize].to_vec();
+            if icmp[0] == 8 {
+                held.push((Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]), icmp));
+            }
+        }
+        let mut out = Vec::new();
+        for (src, mut icmp) in held {
+            out.push((src, u16::from_be_bytes([icmp[4], icmp[5]])));
+            icmp[0] = 0;
+            icmp[2] = 0;
+            icmp[3] = 0;
+            let c = csum(&icmp);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(src.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: valid buffer and address.
+            unsafe {
+                libc::sendto(
+                    fd,
+                    icmp.as_ptr().cast(),
+                    icmp.len(),
+                    0,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                );
+            }
+        }
+        // SAFETY: we own fd.
+        unsafe { libc::close(fd) };
+        out
+    });
+    EchoHolder {
+        release,
+        handle: Some(handle),
+    }
+}
+
+/// A UDP server that records the size of every datagram it receives.
+pub fn udp_sizes(
+    ns: &Netns,
+    ip: Ipv4Addr,
+    port: u16,
+) -> (Server, Arc<std::sync::Mutex<Vec<usize>>>) {
+    let sock = ns.enter(move || UdpSocket::bind((ip, port)).expect("bind udp sizes"));
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (s, out) = (stop.clone(), sizes.clone());
+    let handle = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while !s.load(Ordering::SeqCst) {
+            if let Ok((n, _)) = sock.recv_from(&mut buf)
+                && let Ok(mut v) = out.lock()
+            {
+                v.push(n);
+            }
+        }
+    });
+    (
+        Server {
+            stop,
+            handle: Some(handle),
+        },
+        sizes,
+    )
+}
+
+/// Sequence numbers seen per source address, by [`udp_seq_counter`].
+pub type SeqSeen =
+    Arc<std::sync::Mutex<std::collections::BTreeMap<Ipv4Addr, std::collections::BTreeSet<u64>>>>;
+
+/// Counts the distinct sequence numbers (first 8 bytes of each datagram) arriving on `ip:port`
+/// in `ns`, per source address. Pairs with [`udp_seq_stream`].
+pub fn udp_seq_counter(ns: &Netns, ip: Ipv4Addr, port: u16) -> (Server, SeqSeen) {
+    let sock = ns.enter(move || {
+        let s = UdpSocket::bind((ip, port)).expect("bind udp seq counter");
+        set_rcvbuf(&s, 8 << 20);
+        s
+    });
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+    let (s, out) = (stop.clone(), seen.clone());
+    let handle = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !s.load(Ordering::SeqCst) {
+            if let Ok((n, SocketAddr::V4(peer))) = sock.recv_from(&mut buf)
+                && n >= 8
+                && let Ok(mut m) = out.lock()
+            {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&buf[..8]);
+                m.entry(*peer.ip())
+                    .or_insert_with(std::collections::BTreeSet::new)
+                    .insert(u64::from_be_bytes(b));
+            }
+        }
+    });
+    (
+        Server {
+            stop,
+            handle: Some(handle),
+        },
+        seen,
+    )
+}
+
+#[allow(unsafe_code)]
+fn set_rcvbuf(s: &UdpSocket, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket fd and an int option.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+    }
+}
+
+/// Sends sequence-numbered datagrams from `bind` in `ns` to `dst`, one every `gap`, until `stop`;
+/// returns how many were sent. Send errors (e.g. an ICMP error reported back) are not fatal.
+pub fn udp_seq_stream(
+    ns: &Netns,
+    bind: SocketAddrV4,
+    dst: SocketAddrV4,
+    gap: Duration,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<u64> {
+    let sock = ns.enter(move || UdpSocket::bind(bind).expect("bind udp seq stream"));
+    std::thread::spawn(move || {
+        let mut seq = 0u64;
+        let mut msg = [0u8; 64];
+        while !stop.load(Ordering::SeqCst) {
+            msg[..8].copy_from_slice(&seq.to_be_bytes());
+            if sock.send_to(&msg, dst).is_ok() {
+                seq += 1;
+            }
+            std::thread::sleep(gap);
+        }
+        seq
+    })
 }

@@ -16,7 +16,7 @@ use portslice_testkit::traffic::{drain, stream_for, tcp_request, tcp_server};
 use portslice_testkit::{NODE_IP, Topology, eventually, require_root};
 
 fn map_id(t: &Topology, name: &str) -> u32 {
-    let p = t.pin_root.join("maps").join(name);
+    let p = portslice_datapath::layout::map_pin(&t.pin_root, name);
     MapData::from_pin(&p).unwrap().info().unwrap().id()
 }
 
@@ -80,9 +80,13 @@ fn daemon_installs_itself_and_uninstall_undoes_everything() {
     std::fs::create_dir_all(&conf).unwrap();
     let original = r#"{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"ptp","ipam":{"type":"host-local","ranges":[[{"subnet":"10.244.0.0/24"}]]}}]}"#;
     std::fs::write(conf.join("10-ptp.conflist"), original).unwrap();
+    // 40005 lies in the pool: uninstall must still put it back, exactly as found.
     t.node.run(
         "sh",
-        &["-c", "echo 22 > /proc/sys/net/ipv4/ip_local_reserved_ports"],
+        &[
+            "-c",
+            "echo 22,40005 > /proc/sys/net/ipv4/ip_local_reserved_ports",
+        ],
     );
     t.start_daemon_with(&[
         "--cni-bin-dir",
@@ -146,7 +150,7 @@ fn daemon_installs_itself_and_uninstall_undoes_everything() {
     let reserved = t
         .node
         .run("cat", &["/proc/sys/net/ipv4/ip_local_reserved_ports"]);
-    assert_eq!(reserved.trim(), "22");
+    assert_eq!(reserved.trim(), "22,40005", "restored exactly as found");
     let attached = t.node.enter(|| {
         aya::programs::SchedClassifier::query_tcx(
             portslice_testkit::UPLINK,
@@ -349,4 +353,61 @@ fn daemon_joins_a_kindnet_0_3_1_conflist_and_exports_what_it_found() {
     );
     t.daemon.as_mut().unwrap().kill();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A rolling update runs the old daemon beside the new one for its grace period, and the old
+/// one's token dies with its pod: once the new daemon has written the plugin's kubeconfig, the
+/// old one must not put its token back (it did, and every slice pod's ADD then got 401).
+#[test]
+fn an_old_daemon_in_its_grace_period_does_not_overwrite_the_new_ones_kubeconfig() {
+    if !require_root("daemon_kubeconfig_handover") {
+        return;
+    }
+    let dir = portslice_testkit::runtime::TempDir::new("handover");
+    let out = dir.0.join("cni-kubeconfig");
+    let ca = dir.0.join("ca.crt");
+    std::fs::write(&ca, "PEM").unwrap();
+    let start = |t: &mut Topology, token: &str| {
+        let file = dir.0.join(token);
+        std::fs::write(&file, token).unwrap();
+        t.start_daemon_with(&[
+            "--no-cni-install",
+            "--kubeconfig-out",
+            out.to_str().unwrap(),
+            "--token-file",
+            file.to_str().unwrap(),
+            "--ca-file",
+            ca.to_str().unwrap(),
+            "--api-server",
+            "https://198.18.0.1:6443",
+        ]);
+    };
+    let has = |token: &str| {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains(&format!("token: \"{token}\""))
+    };
+    let (mut old, mut new) = (Topology::bare(), Topology::bare());
+    start(&mut old, "old-token");
+    assert!(has("old-token"));
+    start(&mut new, "new-token");
+    assert!(has("new-token"), "the new daemon writes at start");
+    // Both reconcile every second: give the old one several chances, and look often (the new
+    // one would put its token back a moment later too).
+    let watch = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < watch {
+        assert!(
+            has("new-token"),
+            "the old daemon put its token back: {}",
+            std::fs::read_to_string(&out).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A deleted file is written again, by whichever daemon still runs.
+    drop(old);
+    std::fs::remove_file(&out).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || has("new-token").then_some(())).is_some(),
+        "the new daemon rewrites a deleted kubeconfig"
+    );
 }

@@ -8,18 +8,20 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 
+use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, CustomResourceExt};
-use portslice_crds::{PortRange, PortSlice, PortSliceSpec, Protocol, SLICE_ANNOTATION};
+use portslice_crds::{PortRange, PortSlice, PortSliceSpec, SLICE_ANNOTATION};
 use portslice_testkit::latency::percentiles;
 use portslice_testkit::loopback::Relay;
 use portslice_testkit::runtime::{
     CniPod, Conflist, Runtime, TempDir, datapath_has, leftovers, portslice_conf, sysctl_in,
 };
-use portslice_testkit::traffic::{tcp_request, tcp_server};
-use portslice_testkit::{NODE_IP, Topology, require_root};
+use portslice_testkit::traffic::{drain, stream_for, tcp_request, tcp_server};
+use portslice_testkit::{NODE_IP, REMOTE_IP, REMOTE_IP2, Topology, require_root};
 use serde_json::json;
 
 const CAP: &str = "io.kubernetes.cri.pod-annotations";
@@ -71,6 +73,8 @@ struct KubeNs {
     rt: tokio::runtime::Runtime,
     client: Client,
     name: String,
+    /// Names of the ClusterRole and ClusterRoleBinding made for this namespace.
+    cluster_objects: std::cell::RefCell<Vec<String>>,
 }
 
 impl KubeNs {
@@ -130,19 +134,35 @@ impl KubeNs {
                 .await
                 .expect("create default ServiceAccount");
         });
-        Self { rt, client, name }
+        Self {
+            rt,
+            client,
+            name,
+            cluster_objects: Default::default(),
+        }
     }
 
     /// A PortSlice with `range` written into its status, as the operator would.
     fn slice(&self, name: &str, range: Option<(u16, u16)>) {
         self.rt.block_on(async {
             let api: Api<PortSlice> = Api::namespaced(self.client.clone(), &self.name);
-            let spec = PortSliceSpec { size: Some(100), ports: None, protocols: vec![Protocol::TCP, Protocol::UDP] };
+            let spec = PortSliceSpec::of_size(100);
             api.create(&PostParams::default(), &PortSlice::new(name, spec)).await.expect("create PortSlice");
             if let Some((start, end)) = range {
                 let status = json!({"status": {"range": PortRange { start, end }, "rangeText": format!("{start}-{end}"), "sliverCount": 0}});
                 api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.expect("set status");
             }
+        });
+    }
+
+    /// Sets the PortSlice's `spec.allowedSources`, as a tenant's `kubectl edit` would.
+    fn set_allowed_sources(&self, name: &str, list: &[&str]) {
+        self.rt.block_on(async {
+            let api: Api<PortSlice> = Api::namespaced(self.client.clone(), &self.name);
+            let patch = json!({"spec": {"allowedSources": list}});
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .expect("edit allowedSources");
         });
     }
 
@@ -163,7 +183,15 @@ impl KubeNs {
 impl Drop for KubeNs {
     fn drop(&mut self) {
         let (client, name) = (self.client.clone(), self.name.clone());
+        let cluster_objects = self.cluster_objects.take();
         self.rt.block_on(async move {
+            for o in &cluster_objects {
+                let dp = DeleteParams::default();
+                let _ = Api::<ClusterRoleBinding>::all(client.clone())
+                    .delete(o, &dp)
+                    .await;
+                let _ = Api::<ClusterRole>::all(client.clone()).delete(o, &dp).await;
+            }
             let nss: Api<Namespace> = Api::all(client);
             let _ = nss.delete(&name, &DeleteParams::default()).await;
         });
@@ -286,5 +314,421 @@ fn slices_come_from_the_api_server_with_the_right_codes_and_latency() {
     for p in [&a, &b, &c] {
         rt.del(p).expect("DEL");
     }
+    drop(relay);
+}
+
+impl KubeNs {
+    /// The node daemon's ServiceAccount, ClusterRole and binding exactly as the chart renders
+    /// them (`helm template`, release named after the namespace), so the tests prove the chart's
+    /// node rights suffice. Returns the ServiceAccount's name; the cluster-wide objects go with
+    /// the namespace on Drop.
+    fn node_sa_from_chart(&self) -> String {
+        let cache =
+            std::env::var("PORTSLICE_CACHE").unwrap_or_else(|_| "/var/cache/portslice".into());
+        let helm =
+            std::env::var("PORTSLICE_E2E_HELM").unwrap_or_else(|_| format!("{cache}/bin/helm"));
+        let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/portslice");
+        let out = std::process::Command::new(&helm)
+            .args(["template", &self.name, chart, "-n", &self.name])
+            .args(["--show-only", "templates/node-rbac.yaml"])
+            .output()
+            .unwrap_or_else(|e| panic!("running {helm} (e2e/scripts/build-tools.sh helm): {e}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let docs: Vec<serde_json::Value> = text
+            .split("\n---")
+            .filter_map(|d| serde_yaml::from_str::<serde_json::Value>(d).ok())
+            .filter(|d| d.is_object())
+            .collect();
+        let of_kind = |kind: &str| {
+            docs.iter()
+                .find(|d| d["kind"] == kind)
+                .cloned()
+                .unwrap_or_else(|| panic!("the chart renders no node {kind}"))
+        };
+        let sa: ServiceAccount = serde_json::from_value(of_kind("ServiceAccount")).expect("sa");
+        let role: ClusterRole = serde_json::from_value(of_kind("ClusterRole")).expect("role");
+        let binding: ClusterRoleBinding =
+            serde_json::from_value(of_kind("ClusterRoleBinding")).expect("binding");
+        let name = sa.metadata.name.clone().expect("sa name");
+        self.rt.block_on(async {
+            let pp = PostParams::default();
+            Api::<ServiceAccount>::namespaced(self.client.clone(), &self.name)
+                .create(&pp, &sa)
+                .await
+                .expect("create the node ServiceAccount");
+            Api::<ClusterRole>::all(self.client.clone())
+                .create(&pp, &role)
+                .await
+                .expect("create the node ClusterRole");
+            Api::<ClusterRoleBinding>::all(self.client.clone())
+                .create(&pp, &binding)
+                .await
+                .expect("create the node ClusterRoleBinding");
+        });
+        self.cluster_objects
+            .borrow_mut()
+            .push(role.metadata.name.expect("role name"));
+        name
+    }
+
+    /// A token of `sa` bound to a Pod object `anchor` (created here): it dies with the Pod, as a
+    /// projected token dies with its pod or its expiry.
+    fn bound_token(&self, sa: &str, anchor: &str) -> String {
+        self.rt.block_on(async {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.name);
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": anchor},
+                "spec": {"serviceAccountName": sa, "containers": [{"name": "c", "image": "none"}]}
+            }))
+            .expect("pod");
+            let uid = pods
+                .create(&PostParams::default(), &pod)
+                .await
+                .expect("create the anchor pod")
+                .metadata
+                .uid
+                .expect("uid");
+            let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &self.name);
+            let req: TokenRequest = serde_json::from_value(json!({
+                "spec": {"audiences": [], "expirationSeconds": 600,
+                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": anchor, "uid": uid}}
+            }))
+            .expect("token request");
+            sas.create_token_request(sa, &PostParams::default(), &req)
+                .await
+                .expect("TokenRequest")
+                .status
+                .expect("token status")
+                .token
+        })
+    }
+
+    fn delete_pod(&self, name: &str) {
+        self.rt.block_on(async {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.name);
+            pods.delete(
+                name,
+                &DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("delete pod");
+        });
+    }
+}
+
+/// The daemon keeps the plugin's kubeconfig on the current token: when the token it was written
+/// from dies (here its bound Pod goes; in a cluster it expires) and the kubelet rotates the file,
+/// slice pods' ADD keeps working on the real API server.
+#[test]
+fn the_daemon_follows_the_rotating_token_and_add_keeps_working() {
+    if !require_root("kube_token") {
+        return;
+    }
+    let Some(kc) = kubeconfig() else {
+        return;
+    };
+    let kns = KubeNs::new();
+    kns.slice("media", Some((42300, 42399)));
+    let node_sa = kns.node_sa_from_chart();
+    let mut t = Topology::bare();
+    let dir = TempDir::new("token");
+    let relay_kc = dir.0.join("relayed");
+    let target = relayed_kubeconfig(&kc, 0, &relay_kc);
+    let relay = Relay::start(&t.node, target);
+    let token_file = dir.0.join("token");
+    let out = dir.0.join("cni-kubeconfig");
+    let ca = Path::new(&kc)
+        .parent()
+        .expect("kubeconfig dir")
+        .join("ca.crt");
+    std::fs::write(&token_file, kns.bound_token(&node_sa, "anchor-a")).unwrap();
+    t.start_daemon_with(&[
+        "--no-cni-install",
+        "--kubeconfig-out",
+        out.to_str().unwrap(),
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--ca-file",
+        ca.to_str().unwrap(),
+        "--api-server",
+        &format!("https://127.0.0.1:{}", relay.port),
+    ]);
+    let written = |want: &str| {
+        portslice_testkit::eventually(std::time::Duration::from_secs(15), || {
+            std::fs::read_to_string(&out)
+                .ok()
+                .filter(|k| k.contains(want))
+        })
+    };
+    let first = std::fs::read_to_string(&token_file).unwrap();
+    assert!(
+        written(first.trim()).is_some(),
+        "the daemon wrote a kubeconfig with the token"
+    );
+    let mut ps = portslice_conf(&t);
+    ps["kubeconfig"] = json!(out);
+    let ipam = TempDir::new("ipam");
+    let rt = Runtime {
+        node: &t.node,
+        list: Conflist::ptp("1.0.0", &ipam.0, ps),
+    };
+    // No annotations from the runtime: every ADD reads the Pod with the kubeconfig's token.
+    let add = |name: &str| {
+        let mut p = CniPod::in_namespace(&kns.name, "");
+        kns.pod(&p.pod_name(), Some("media"));
+        let prev = rt.add_primary(&mut p);
+        let inv = rt.exec_last(&p, "ADD", Some(&prev));
+        p.result = inv.ok().then(|| inv.json());
+        let _ = name;
+        (p, inv)
+    };
+    let (a, inv) = add("a");
+    assert!(inv.ok(), "ADD with the first token: {inv:?}");
+    rt.del(&a).expect("DEL");
+
+    // The token dies: what a kubeconfig written once at start would be left with.
+    kns.delete_pod("anchor-a");
+    let (b, inv) = portslice_testkit::eventually(std::time::Duration::from_secs(15), || {
+        let (p, inv) = add("b");
+        if inv.ok() {
+            // The API server may take a moment to see the Pod gone.
+            rt.del(&p).expect("DEL");
+            return None;
+        }
+        Some((p, inv))
+    })
+    .expect("the dead token is refused");
+    assert_eq!(inv.error_code(), 103, "{inv:?}");
+    rt.del(&b).expect("DEL");
+
+    // The kubelet rotates the file; the daemon follows.
+    let second = kns.bound_token(&node_sa, "anchor-b");
+    std::fs::write(&token_file, &second).unwrap();
+    assert!(
+        written(second.trim()).is_some(),
+        "the daemon rewrote the kubeconfig"
+    );
+    let (c, inv) = add("c");
+    assert!(inv.ok(), "ADD with the rotated token: {inv:?}");
+    rt.del(&c).expect("DEL");
+    drop(relay);
+}
+
+/// A node that refuses a PortSlice (here: a host process listens on one of its ports) says so on
+/// the PortSlice, where its owner looks: one Warning Event per node and reason, bumped on every
+/// retry, posted with the node's own token and rights.
+#[test]
+fn a_node_refusing_a_portslice_posts_one_event_on_it_per_node_and_reason() {
+    if !require_root("kube_refusal") {
+        return;
+    }
+    let Some(kc) = kubeconfig() else {
+        return;
+    };
+    let kns = KubeNs::new();
+    kns.slice("media", Some((42400, 42409)));
+    let node_sa = kns.node_sa_from_chart();
+    let t = Topology::new();
+    let dir = TempDir::new("refusal");
+    let relay_kc = dir.0.join("relayed");
+    let target = relayed_kubeconfig(&kc, 0, &relay_kc);
+    let relay = Relay::start(&t.node, target);
+    let ca = std::fs::read(
+        Path::new(&kc)
+            .parent()
+            .expect("kubeconfig dir")
+            .join("ca.crt"),
+    )
+    .expect("the API server's CA");
+    let node_kc = dir.0.join("node-kubeconfig");
+    let token = kns.bound_token(&node_sa, "anchor");
+    std::fs::write(
+        &node_kc,
+        portslice_cni::daemon::kubeconfig::render_with_ca_data(
+            &format!("https://127.0.0.1:{}", relay.port),
+            &ca,
+            token.trim(),
+        ),
+    )
+    .unwrap();
+    let mut ps = portslice_conf(&t);
+    ps["kubeconfig"] = json!(node_kc);
+    ps["nodeName"] = json!("worker-7");
+    ps["capabilities"] = json!({CAP: true});
+    let ipam = TempDir::new("ipam");
+    let rt = Runtime {
+        node: &t.node,
+        list: Conflist::ptp("1.0.0", &ipam.0, ps),
+    };
+    let _host = tcp_server(&t.node, Ipv4Addr::UNSPECIFIED, 42405, "host");
+    let refuse = || {
+        let mut p = CniPod::in_namespace(&kns.name, "");
+        annotated(&mut p, Some("media"));
+        let prev = rt.add_primary(&mut p);
+        let inv = rt.exec_last(&p, "ADD", Some(&prev));
+        assert_eq!(inv.error_code(), 109, "{inv:?}");
+        rt.del(&p).expect("DEL");
+    };
+    refuse();
+    refuse();
+    let (events, uid) = kns.rt.block_on(async {
+        let events: Api<k8s_openapi::api::core::v1::Event> =
+            Api::namespaced(kns.client.clone(), &kns.name);
+        let slices: Api<PortSlice> = Api::namespaced(kns.client.clone(), &kns.name);
+        (
+            events
+                .list(&Default::default())
+                .await
+                .expect("events")
+                .items,
+            slices.get("media").await.expect("slice").metadata.uid,
+        )
+    });
+    let refusals: Vec<_> = events
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("HostPortInUse"))
+        .collect();
+    assert_eq!(
+        refusals.len(),
+        1,
+        "one Event for both refusals: {events:#?}"
+    );
+    let e = refusals[0];
+    assert_eq!(e.count, Some(2), "the retry bumped it: {e:#?}");
+    assert_eq!(e.type_.as_deref(), Some("Warning"));
+    assert_eq!(e.involved_object.kind.as_deref(), Some("PortSlice"));
+    assert_eq!(e.involved_object.name.as_deref(), Some("media"));
+    assert_eq!(e.involved_object.uid, uid);
+    let source = e.source.as_ref().expect("source");
+    assert_eq!(
+        (source.component.as_deref(), source.host.as_deref()),
+        (
+            Some(portslice_crds::refusal::NODE_REFUSAL_SOURCE),
+            Some("worker-7")
+        )
+    );
+    assert!(
+        e.message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("TCP/42405"),
+        "{e:#?}"
+    );
+    drop(relay);
+}
+
+/// `spec.allowedSources` on a real API server: ADD filters from the first packet, and the daemon
+/// follows edits of the PortSlice while a transfer from a listed source keeps running.
+#[test]
+fn a_portslices_allowed_sources_filter_from_add_and_follow_edits() {
+    if !require_root("kube_sources") {
+        return;
+    }
+    let Some(kc) = kubeconfig() else {
+        return;
+    };
+    let kns = KubeNs::new();
+    kns.slice("media", Some((42500, 42599)));
+    kns.set_allowed_sources("media", &[&format!("{REMOTE_IP}/32")]);
+    let node_sa = kns.node_sa_from_chart();
+    let mut t = Topology::bare();
+    t.add_remote_address(REMOTE_IP2);
+    let dir = TempDir::new("sources");
+    let relay_kc = dir.0.join("relayed");
+    let target = relayed_kubeconfig(&kc, 0, &relay_kc);
+    let relay = Relay::start(&t.node, target);
+    let token_file = dir.0.join("token");
+    std::fs::write(&token_file, kns.bound_token(&node_sa, "anchor")).unwrap();
+    let out = dir.0.join("cni-kubeconfig");
+    let ca = Path::new(&kc)
+        .parent()
+        .expect("kubeconfig dir")
+        .join("ca.crt");
+    t.start_daemon_with(&[
+        "--no-cni-install",
+        "--kubeconfig-out",
+        out.to_str().unwrap(),
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--ca-file",
+        ca.to_str().unwrap(),
+        "--api-server",
+        &format!("https://127.0.0.1:{}", relay.port),
+    ]);
+    let mut ps = portslice_conf(&t);
+    ps["kubeconfig"] = json!(out);
+    ps["capabilities"] = json!({CAP: true});
+    let ipam = TempDir::new("ipam");
+    let rt = Runtime {
+        node: &t.node,
+        list: Conflist::ptp("1.0.0", &ipam.0, ps),
+    };
+    let mut pod = CniPod::in_namespace(&kns.name, "");
+    annotated(&mut pod, Some("media"));
+    rt.add(&mut pod).expect("ADD of a filtered slice pod");
+    let _srv = tcp_server(&pod.ns, Ipv4Addr::UNSPECIFIED, 42510, "media");
+    let reaches = |from: Ipv4Addr| {
+        tcp_request(
+            &t.remote,
+            SocketAddrV4::new(NODE_IP, 42510),
+            Some(SocketAddrV4::new(from, 0)),
+        )
+        .is_ok_and(|r| r.starts_with("media "))
+    };
+    assert!(reaches(REMOTE_IP), "the listed source is refused");
+    assert!(!reaches(REMOTE_IP2), "ADD left the pod open to anyone");
+
+    // A transfer from the listed source runs across the edits.
+    let listener = pod
+        .ns
+        .enter(|| std::net::TcpListener::bind("0.0.0.0:42520").unwrap());
+    let receiver = std::thread::spawn(move || drain(listener.accept().unwrap().0));
+    let conn = t
+        .remote
+        .enter(|| {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddrV4::new(NODE_IP, 42520).into(),
+                std::time::Duration::from_secs(3),
+            )
+        })
+        .expect("connect from the listed source");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let s = stop.clone();
+        std::thread::spawn(move || stream_for(conn, s))
+    };
+    let follows = |what: &str, from: Ipv4Addr, want: bool| {
+        portslice_testkit::eventually(std::time::Duration::from_secs(10), || {
+            (reaches(from) == want).then_some(())
+        })
+        .unwrap_or_else(|| panic!("the daemon did not follow the edit: {what}"));
+    };
+    kns.set_allowed_sources(
+        "media",
+        &[&format!("{REMOTE_IP}/32"), &format!("{REMOTE_IP2}/32")],
+    );
+    follows("a second source added", REMOTE_IP2, true);
+    kns.set_allowed_sources("media", &[]);
+    follows("the list emptied (anyone)", REMOTE_IP2, true);
+    assert!(reaches(REMOTE_IP));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let sent = sender
+        .join()
+        .unwrap()
+        .expect("the transfer ran through every edit");
+    let received = receiver.join().unwrap().expect("the receiving end");
+    assert_eq!(sent, received, "bytes lost across the edits");
+    kns.set_allowed_sources("media", &[&format!("{REMOTE_IP2}/32")]);
+    follows("the first source removed", REMOTE_IP, false);
+    assert!(reaches(REMOTE_IP2));
+    rt.del(&pod).expect("DEL");
     drop(relay);
 }

@@ -11,11 +11,17 @@
 //! - `cni_matrix`: every row of the connectivity matrix with pods made by the CNI chain;
 //! - `veth_matrix`: the same rows with plain veths, plus PMTU and zero conntrack;
 //! - `daemon`: the node daemon (install/uninstall, restart mid-transfer, metrics, reconcile);
-//! - `clsact`: the fallback attach mode for kernels without tcx.
+//! - `clsact`: the fallback attach mode for kernels without tcx;
+//! - `node_ports`: the node's own ports and listeners, reserved ports, restored sysctls, the lock;
+//! - `hardening`: ICMP errors only about own flows, per-pod fragment/echo state, allowed sources;
+//! - `upgrade`: a node pinned by the first release (datapath layout 1) taken over by this build.
 mod chain;
 mod clsact;
 mod cni_matrix;
 mod daemon;
+mod hardening;
 mod kube;
+mod node_ports;
 mod protocol;
+mod upgrade;
 mod veth_matrix;

@@ -261,3 +261,23 @@ fn del_of_an_unknown_container_succeeds_without_output() {
     let inv = exec_plugin(None, "portslice", &e, "not json");
     assert!(inv.ok() && inv.stdout.is_empty(), "{inv:?}");
 }
+
+#[test]
+fn a_repeated_cni_args_key_is_code_4() {
+    let mut c = conf("1.0.0");
+    c["prevResult"] = prev_result("1.0.0");
+    let mut e = add_env();
+    e.push((
+        "CNI_ARGS".into(),
+        "PORTSLICE_RANGE=41000-41099;PORTSLICE_RANGE=1-2".into(),
+    ));
+    let inv = exec_plugin(None, "portslice", &e, &c.to_string());
+    assert_error(&inv, 4, "1.0.0");
+    assert!(
+        inv.json()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("more than once"),
+        "{inv:?}"
+    );
+}

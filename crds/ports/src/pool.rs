@@ -5,7 +5,7 @@
 //! operator, the node daemon and the chart's render-time check give the same answer, and the
 //! message says what to change. Exact-port reservations (`spec.ports`) are not pool ports and are
 //! governed by the reservations policy instead.
-use crate::{PortRange, RangeSet};
+use crate::{NodeCritical, PortRange, RangeSet};
 
 /// Ports below this are privileged: never in a pool.
 pub const FIRST_UNPRIVILEGED_PORT: u16 = 1024;
@@ -89,6 +89,13 @@ impl Pool {
     pub fn contains(&self, port: u16) -> bool {
         self.0.contains(port)
     }
+
+    /// The ports `size` requests are handed from: the pool less the node-critical ports inside
+    /// it (a pool such as 1024-29999 holds etcd's and the API server's ports; they stay reserved
+    /// on the host, harmlessly, but are never handed to a slice).
+    pub fn allocatable(&self, critical: &NodeCritical) -> RangeSet {
+        self.0.subtract(&critical.as_set())
+    }
 }
 
 impl std::fmt::Display for Pool {
@@ -128,6 +135,16 @@ mod tests {
         };
         assert!(Pool::new(parse_list("30000-32767").unwrap(), custom).is_ok());
         assert!(Pool::new(parse_list("20500-21500").unwrap(), custom).is_err());
+    }
+
+    #[test]
+    fn node_critical_ports_inside_a_pool_are_never_allocatable() {
+        let p = pool("1024-29999").unwrap();
+        let a = p.allocatable(&NodeCritical::default());
+        for port in [2379, 2380, 6443, 9465, 10250] {
+            assert!(p.contains(port) && !a.contains(port), "{port}");
+        }
+        assert_eq!(a.port_count(), p.port_count() - 2 - 1 - 1 - 4);
     }
 
     #[test]

@@ -15,6 +15,10 @@ use portslice_e2e::shell::{self, with_prefix};
 
 pub const SHORT: Duration = Duration::from_secs(30);
 pub const LONG: Duration = Duration::from_secs(300);
+/// The suite's own namespace; the reservations policy it installs opens the pool's ports to it.
+pub const SUITE_NAMESPACE: &str = "portslice-e2e";
+/// What the suite's reservations policy opens to [`SUITE_NAMESPACE`].
+pub const SUITE_RESERVATIONS: &str = "40000-59999";
 /// The port the remote host's agent serves.
 pub const REMOTE_PORT: u16 = 9000;
 

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, ListParams};
 use portslice_e2e::shell;
 
-use crate::ctx::{Ctx, LONG, SHORT, wait_until};
+use crate::ctx::{Ctx, LONG, SHORT, SUITE_NAMESPACE, SUITE_RESERVATIONS, wait_until};
 use crate::traffic;
 
 const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
@@ -70,6 +70,8 @@ pub async fn helm_install(ctx: &Ctx) -> anyhow::Result<()> {
     let s = &ctx.s;
     let chart = s.chart.to_string_lossy().into_owned();
     let uplink = s.uplink.as_ref().map(|u| format!("node.uplink={u}"));
+    let reservation_ports = format!("reservations[0].ports={SUITE_RESERVATIONS}");
+    let reservation_namespace = format!("reservations[0].namespaces[0]={SUITE_NAMESPACE}");
     let mut args = vec![
         "upgrade",
         "--install",
@@ -86,6 +88,11 @@ pub async fn helm_install(ctx: &Ctx) -> anyhow::Result<()> {
         "operator.quarantine=3s",
         "--set",
         "operator.extraArgs={--retry-interval=2s}",
+        // The suite reserves exact ports of the pool in its own namespace.
+        "--set-string",
+        &reservation_ports,
+        "--set-string",
+        &reservation_namespace,
     ];
     if let Some(u) = &uplink {
         args.extend(["--set", u.as_str()]);

@@ -11,6 +11,7 @@
 mod ctx;
 mod install;
 mod nodes;
+mod policy;
 mod traffic;
 mod workloads;
 
@@ -22,7 +23,7 @@ use kube::Client;
 use portslice_e2e::report::Report;
 use portslice_e2e::settings::Settings;
 
-use ctx::{Ctx, list_nodes};
+use ctx::{Ctx, SUITE_NAMESPACE, list_nodes};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -64,7 +65,8 @@ async fn run() -> anyhow::Result<bool> {
     let mut ctx = Ctx {
         s,
         client,
-        ns: format!("portslice-e2e-{}", std::process::id()),
+        // Fixed: the reservations policy the suite installs names it.
+        ns: SUITE_NAMESPACE.to_string(),
         nodes,
         reserved_before: BTreeMap::new(),
         slices: BTreeMap::new(),
@@ -229,6 +231,30 @@ async fn scenario(ctx: &mut Ctx, r: &mut Report) {
         "deleted-slice-keeps-range-until-pods-gone",
         SLICE_PODS,
         || workloads::deleted_slice_keeps_range(ctx),
+    )
+    .await;
+    r.check_after(
+        "a-namespace-admin-creates-size-slices-not-forbidden-reservations",
+        INSTALLED,
+        || policy::tenant_admin(ctx),
+    )
+    .await;
+    r.check_after(
+        "a-running-pods-slice-annotation-cannot-change",
+        SLICE_PODS,
+        || policy::annotation_is_fixed(ctx),
+    )
+    .await;
+    r.check_after(
+        "a-host-listener-makes-its-node-refuse-the-slice",
+        INSTALLED,
+        || policy::host_listener_refuses(ctx),
+    )
+    .await;
+    r.check_after(
+        "allowed-sources-let-in-only-listed-remotes-and-follow-edits",
+        INSTALLED,
+        || policy::allowed_sources_follow_edits(ctx),
     )
     .await;
 }

@@ -8,7 +8,7 @@ mod tests;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 
-pub use portslice_ports::{Pool, PoolError, PortRange};
+pub use portslice_ports::{NodeCritical, Pool, PoolError, PortRange, RangeSet};
 pub use priority::{Age, Claim, older_claim};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -39,7 +39,8 @@ pub type Rebuilt<K> = (Allocator<K>, Vec<(K, AllocError<K>)>);
 /// The table. `K` identifies a slice (the controller uses namespace/name/uid).
 #[derive(Clone, Debug)]
 pub struct Allocator<K> {
-    pool: Pool,
+    /// Where `size` requests are served from: the pool less the node-critical ports.
+    pool: RangeSet,
     /// Held ranges by first port. Invariant: disjoint, so ends are sorted too.
     by_start: BTreeMap<u16, (u16, K)>,
     by_key: HashMap<K, PortRange>,
@@ -48,8 +49,9 @@ pub struct Allocator<K> {
 }
 
 impl<K: Clone + Eq + Hash> Allocator<K> {
-    /// An empty table over a pool (validated by [`Pool::new`]: no NodePorts, no privileged ports).
-    pub fn new(pool: Pool) -> Self {
+    /// An empty table over the allocatable ports ([`Pool::allocatable`]: a validated pool less
+    /// the node-critical ports).
+    pub fn new(pool: RangeSet) -> Self {
         Self {
             pool,
             by_start: BTreeMap::new(),
@@ -61,7 +63,7 @@ impl<K: Clone + Eq + Hash> Allocator<K> {
     /// Rebuilds the table from existing allocations (the statuses), in the order given: callers
     /// pass the oldest slices first so that, should two statuses ever overlap, the older keeps
     /// its ports. Returns the table and the allocations that could not be recorded.
-    pub fn rebuild(pool: Pool, held: impl IntoIterator<Item = (K, PortRange)>) -> Rebuilt<K> {
+    pub fn rebuild(pool: RangeSet, held: impl IntoIterator<Item = (K, PortRange)>) -> Rebuilt<K> {
         let mut table = Self::new(pool);
         let mut rejected = Vec::new();
         for (key, range) in held {

@@ -1,18 +1,18 @@
 use proptest::prelude::*;
 
 use super::*;
-use portslice_ports::RangeSet;
 
 fn r(s: u16, e: u16) -> PortRange {
     PortRange { start: s, end: e }
 }
 
-fn pool(ranges: &[PortRange]) -> Pool {
+fn pool(ranges: &[PortRange]) -> RangeSet {
     Pool::new(
         ranges.iter().copied(),
         portslice_ports::DEFAULT_NODE_PORT_RANGE,
     )
     .expect("valid pool")
+    .allocatable(&NodeCritical::default())
 }
 
 fn table(ranges: &[PortRange]) -> Allocator<u32> {
@@ -64,17 +64,19 @@ fn exhaustion_reports_the_largest_free_run() {
 }
 
 #[test]
-fn the_whole_usable_port_space_is_handed_out_without_node_ports() {
+fn the_whole_usable_port_space_is_handed_out_without_the_nodes_own_ports() {
     let mut t = table(&[r(1024, 29999), r(32768, 65535)]);
+    let critical = NodeCritical::default();
     let mut key = 0;
     while let Ok(range) = t.allocate(key, 1000) {
         assert!(
-            !range.overlaps(&portslice_ports::DEFAULT_NODE_PORT_RANGE),
-            "{range} is in the NodePort range"
+            critical.overlap(&range).is_none(),
+            "{range} holds a node-critical port"
         );
         key += 1;
     }
     assert_eq!(t.stats().free, t.stats().size - 1000 * key);
+    assert!(key > 55, "{key} slices of 1000");
 }
 
 #[test]

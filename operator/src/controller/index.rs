@@ -18,7 +18,8 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use portslice_crds::{PortRange, PortSlice};
 
-use crate::allocator::{Age, AllocError, Allocator, Claim, Pool, PoolStats, older_claim};
+use crate::allocator::{Age, AllocError, Allocator, Claim, PoolStats, RangeSet, older_claim};
+use crate::policy::Usage;
 
 /// Identity of one PortSlice object (a recreated slice with the same name is a different one).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -84,7 +85,8 @@ type Listed = (SliceId, Age, Option<PortRange>, Option<PortRange>);
 
 pub struct SliceIndex {
     table: Allocator<SliceId>,
-    pool: Pool,
+    /// The allocatable ports (pool less node-critical ports), for rebuilds.
+    pool: RangeSet,
     synced: bool,
     /// Objects of a list in progress (between watcher Init and InitDone).
     relist: Option<Vec<Listed>>,
@@ -95,7 +97,7 @@ pub struct SliceIndex {
 }
 
 impl SliceIndex {
-    pub fn new(pool: Pool) -> Self {
+    pub fn new(pool: RangeSet) -> Self {
         Self {
             table: Allocator::new(pool.clone()),
             pool,
@@ -117,6 +119,19 @@ impl SliceIndex {
 
     pub fn range_of(&self, id: &SliceId) -> Option<PortRange> {
         self.table.get(id)
+    }
+
+    /// What `namespace` holds, `except` one slice (the one being decided). O(slices): asked only
+    /// when a quota applies to the namespace.
+    pub fn usage(&self, namespace: &str, except: &SliceId) -> Usage {
+        let mut u = Usage::default();
+        for (id, range) in self.table.iter() {
+            if id.namespace == namespace && id != except {
+                u.ports += range.len();
+                u.slices += 1;
+            }
+        }
+        u
     }
 
     /// Feeds one watch event.
@@ -331,9 +346,8 @@ mod tests {
                 ..ObjectMeta::default()
             },
             spec: PortSliceSpec {
-                size: Some(10),
-                ports: None,
                 protocols: vec![Protocol::TCP],
+                ..PortSliceSpec::of_size(10)
             },
             status: None,
         }
@@ -341,11 +355,7 @@ mod tests {
 
     fn exact(name: &str, created: i64, s: u16, e: u16) -> PortSlice {
         let mut p = slice(name, created);
-        p.spec = PortSliceSpec {
-            size: None,
-            ports: Some(PortRange { start: s, end: e }),
-            protocols: vec![],
-        };
+        p.spec = PortSliceSpec::exact(PortRange { start: s, end: e });
         p
     }
 
@@ -358,7 +368,7 @@ mod tests {
     }
 
     fn index() -> SliceIndex {
-        let pool = Pool::new(
+        let pool = portslice_ports::Pool::new(
             [PortRange {
                 start: 40000,
                 end: 40099,
@@ -366,7 +376,7 @@ mod tests {
             portslice_ports::DEFAULT_NODE_PORT_RANGE,
         )
         .expect("a valid pool");
-        SliceIndex::new(pool)
+        SliceIndex::new(pool.allocatable(&portslice_ports::NodeCritical::default()))
     }
 
     fn sync(ix: &mut SliceIndex, objs: &[PortSlice]) -> Observed {

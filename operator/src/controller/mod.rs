@@ -3,13 +3,14 @@
 pub mod index;
 pub mod pods;
 mod reconcile;
+pub mod refusals;
 pub mod status;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -36,6 +37,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub config: Config,
     pub pods: Store<Pod>,
+    /// The nodes' refusal Events (see [`refusals`]).
+    pub refusals: Store<CoreEvent>,
     /// Closed when this replica's Lease may have run out: no ports are handed out then.
     pub fence: Arc<Fence>,
     shared: Arc<Shared>,
@@ -146,7 +149,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
     let shared = Arc::new(Shared {
-        index: Mutex::new(SliceIndex::new(config.pool.clone())),
+        index: Mutex::new(SliceIndex::new(config.allocatable.clone())),
         pods_synced: AtomicBool::new(false),
         metrics: metrics.clone(),
         health,
@@ -154,13 +157,19 @@ pub async fn run(
         client: client.clone(),
     });
     shared.publish_pool();
-    let (slice_api, pod_api): (Api<PortSlice>, Api<Pod>) = match &config.watch_namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let (slice_api, pod_api, event_api): (Api<PortSlice>, Api<Pod>, Api<CoreEvent>) =
+        match &config.watch_namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        };
 
     let (slice_store, slice_writer) = reflector::store();
     let feed = shared.clone();
@@ -191,6 +200,17 @@ pub async fn run(
         })
         .touched_objects();
 
+    // Only the nodes' refusals, by field selector: the cluster's other Events never reach us.
+    let (refusal_store, refusal_writer) = reflector::store();
+    let refusal_events = watcher(
+        event_api,
+        watcher::Config::default().fields(&portslice_crds::refusal::field_selector()),
+    )
+    .default_backoff()
+    .modify(|e: &mut CoreEvent| e.managed_fields_mut().clear())
+    .reflect(refusal_writer)
+    .touched_objects();
+
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -205,12 +225,17 @@ pub async fn run(
         metrics,
         config,
         pods: pod_store,
+        refusals: refusal_store,
         fence,
         shared,
     });
     info!("controller starting");
     Controller::for_stream(slices, slice_store)
         .watches_stream(pods, |pod: Pod| pods::slice_of(&pod))
+        .watches_stream(refusal_events, |e: CoreEvent| {
+            portslice_crds::refusal::refused_slice(&e)
+                .map(|(ns, name)| ObjectRef::new(&name).within(&ns))
+        })
         .reconcile_on(wake_rx)
         .with_config(controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(shutdown)

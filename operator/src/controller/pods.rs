@@ -37,6 +37,15 @@ pub fn members<'a>(slice: &PortSlice, pods: impl IntoIterator<Item = &'a Pod>) -
 }
 
 /// The slivers to report: one entry per scheduled member pod, sorted by node then pod.
+/// The nodes where a member pod runs (its sandbox, hence the CNI ADD, succeeded).
+pub fn running_on(members: &[&Pod]) -> std::collections::BTreeSet<String> {
+    members
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect()
+}
+
 pub fn slivers(members: &[&Pod]) -> Vec<Sliver> {
     let mut out: Vec<Sliver> = members
         .iter()
@@ -112,14 +121,7 @@ mod tests {
     }
 
     fn slice(name: &str) -> PortSlice {
-        let mut s = PortSlice::new(
-            name,
-            PortSliceSpec {
-                size: Some(1),
-                ports: None,
-                protocols: vec![],
-            },
-        );
+        let mut s = PortSlice::new(name, PortSliceSpec::of_size(1));
         s.metadata.namespace = Some("ns".into());
         s
     }

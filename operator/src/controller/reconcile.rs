@@ -16,7 +16,7 @@ use tracing::{info, instrument, warn};
 
 use super::index::{ExactRefusal, SliceId, age_of};
 use super::status::{Outcome, StatusInput, current_reason, desired};
-use super::{Context, MANAGER, pods};
+use super::{Context, MANAGER, pods, refusals};
 use crate::allocator::AllocError;
 use crate::metrics::ErrorLabels;
 
@@ -130,16 +130,21 @@ async fn apply(obj: &PortSlice, ctx: &Context, api: &Api<PortSlice>) -> Result<A
         }
         _ => ctx.index().stop_waiting(&oref),
     }
-    let slivers = pods::slivers(&pods::members(
+    let all_pods = ctx.pods.state();
+    let members = pods::members(obj, all_pods.iter().map(AsRef::as_ref));
+    let slivers = pods::slivers(&members);
+    let (node_refusals, refusals_expire) = refusals::current(
         obj,
-        ctx.pods.state().iter().map(AsRef::as_ref),
-    ));
+        ctx.refusals.state().iter().map(AsRef::as_ref),
+        &pods::running_on(&members),
+        Timestamp::now(),
+    );
     let newly_allocated = matches!(outcome, Outcome::Allocated { range } if obj.status.as_ref().and_then(|s| s.range) != Some(range));
     let reason_changed = current_reason(obj.status.as_ref()) != Some(outcome.reason());
     if newly_allocated && !ctx.fence.holds() {
         return Err(Error::Fenced);
     }
-    write_status(obj, api, &outcome, slivers, None).await?;
+    write_status(obj, api, &outcome, slivers, None, node_refusals).await?;
     if newly_allocated {
         ctx.metrics.allocations.inc();
         if let Outcome::Allocated { range } = &outcome {
@@ -157,22 +162,62 @@ async fn apply(obj: &PortSlice, ctx: &Context, api: &Api<PortSlice>) -> Result<A
     Ok(match outcome {
         // Slice and pod events drive everything else; no periodic resync entry per slice
         // (10,000 timers are memory for nothing).
-        Outcome::Allocated { .. } => Action::await_change(),
+        // ...except to let a node's refusal expire.
+        Outcome::Allocated { .. } => match refusals_expire {
+            Some(left) => Action::requeue(left + Duration::from_secs(1)),
+            None => Action::await_change(),
+        },
         Outcome::Waiting { .. } => Action::requeue(ctx.config.retry_interval),
-        Outcome::Invalid { .. } | Outcome::Terminating { .. } => Action::await_change(),
+        Outcome::Refused { .. } | Outcome::Terminating { .. } => Action::await_change(),
     })
 }
 
-/// The allocation decision, made under the index lock and without I/O.
+fn invalid(message: String) -> Outcome {
+    Outcome::Refused {
+        reason: conditions::REASON_INVALID,
+        message,
+    }
+}
+
+/// The allocation decision, made under the index lock and without I/O: the policy first (the
+/// node's own ports, the reservations policy, the namespace's quota), then the table.
 fn decide(obj: &PortSlice, ctx: &Context) -> Outcome {
     let id = SliceId::of(obj);
     // A range in the status is kept whatever happens: pods may be using it.
     if let Some(range) = obj.status.as_ref().and_then(|s| s.range) {
         return Outcome::Allocated { range };
     }
+    let policy = &ctx.config.policy;
+    let wanted = match (obj.spec.size, obj.spec.ports) {
+        (Some(size), None) => size,
+        (None, Some(ports)) if ports.start >= 1 && ports.start <= ports.end => {
+            if let Err(message) =
+                policy.check_reservation(&id.namespace, &ports, &obj.spec.protocols)
+            {
+                return Outcome::Refused {
+                    reason: conditions::REASON_FORBIDDEN,
+                    message,
+                };
+            }
+            ports.len()
+        }
+        (None, Some(ports)) => {
+            return invalid(format!("spec.ports {ports:?} is not a valid range"));
+        }
+        _ => return invalid("set exactly one of spec.size or spec.ports".into()),
+    };
     let mut index = ctx.index();
+    if !policy.quotas().is_unlimited()
+        && let Err(message) =
+            policy.check_quota(&id.namespace, index.usage(&id.namespace, &id), wanted)
+    {
+        return Outcome::Waiting {
+            reason: conditions::REASON_QUOTA_EXCEEDED,
+            message: format!("{message}; waiting for a slice of the namespace to be deleted"),
+        };
+    }
     match (obj.spec.size, obj.spec.ports) {
-        (Some(size), None) => match index.allocate(&id, size) {
+        (Some(size), _) => match index.allocate(&id, size) {
             Ok(range) => Outcome::Allocated { range },
             Err(AllocError::Exhausted { size, largest_free }) => Outcome::Waiting {
                 reason: conditions::REASON_POOL_EXHAUSTED,
@@ -182,36 +227,27 @@ fn decide(obj: &PortSlice, ctx: &Context) -> Outcome {
                     ctx.config.pool
                 ),
             },
-            Err(e) => Outcome::Invalid {
-                message: e.to_string(),
+            Err(e) => invalid(e.to_string()),
+        },
+        (None, Some(ports)) => match index.reserve_exact(&id, age_of(obj), ports) {
+            Ok(range) => Outcome::Allocated { range },
+            Err(ExactRefusal::Held { holder, held }) => Outcome::Waiting {
+                reason: conditions::REASON_CONFLICT,
+                message: format!(
+                    "ports {ports} overlap {held}, held by PortSlice {holder}; waiting until it is deleted"
+                ),
+            },
+            Err(ExactRefusal::OlderClaim {
+                claimant,
+                ports: theirs,
+            }) => Outcome::Waiting {
+                reason: conditions::REASON_CONFLICT,
+                message: format!(
+                    "ports {ports} overlap {theirs}, requested by the older PortSlice {claimant}, which goes first"
+                ),
             },
         },
-        (None, Some(ports)) if ports.start >= 1 && ports.start <= ports.end => {
-            match index.reserve_exact(&id, age_of(obj), ports) {
-                Ok(range) => Outcome::Allocated { range },
-                Err(ExactRefusal::Held { holder, held }) => Outcome::Waiting {
-                    reason: conditions::REASON_CONFLICT,
-                    message: format!(
-                        "ports {ports} overlap {held}, held by PortSlice {holder}; waiting until it is deleted"
-                    ),
-                },
-                Err(ExactRefusal::OlderClaim {
-                    claimant,
-                    ports: theirs,
-                }) => Outcome::Waiting {
-                    reason: conditions::REASON_CONFLICT,
-                    message: format!(
-                        "ports {ports} overlap {theirs}, requested by the older PortSlice {claimant}, which goes first"
-                    ),
-                },
-            }
-        }
-        (None, Some(ports)) => Outcome::Invalid {
-            message: format!("spec.ports {ports:?} is not a valid range"),
-        },
-        _ => Outcome::Invalid {
-            message: "set exactly one of spec.size or spec.ports".into(),
-        },
+        (None, None) => invalid("set exactly one of spec.size or spec.ports".into()),
     }
 }
 
@@ -242,7 +278,7 @@ async fn cleanup(obj: &PortSlice, ctx: &Context, api: &Api<PortSlice>) -> Result
                 names.join(", ")
             ),
         };
-        write_status(obj, api, &outcome, slivers, None).await?;
+        write_status(obj, api, &outcome, slivers, None, Vec::new()).await?;
         // Pod events wake us; the requeue is a safety net.
         return Err(Error::Held(ctx.config.retry_interval));
     }
@@ -260,7 +296,15 @@ async fn cleanup(obj: &PortSlice, ctx: &Context, api: &Api<PortSlice>) -> Result
             range: Some(range),
             message: format!("deleted and drained; ports {range} stay in quarantine until {until}"),
         };
-        write_status(obj, api, &outcome, slivers, Some(second_text(drained_at))).await?;
+        write_status(
+            obj,
+            api,
+            &outcome,
+            slivers,
+            Some(second_text(drained_at)),
+            Vec::new(),
+        )
+        .await?;
         let left = until.duration_since(now).unsigned_abs();
         return Err(Error::Held(left.max(Duration::from_millis(50))));
     }
@@ -295,6 +339,7 @@ async fn write_status(
     outcome: &Outcome,
     slivers: Vec<portslice_crds::Sliver>,
     drained_at: Option<String>,
+    node_refusals: Vec<portslice_crds::NodeRefusal>,
 ) -> Result<(), Error> {
     let now = second_text(Timestamp::now());
     let status = desired(
@@ -304,6 +349,7 @@ async fn write_status(
             generation: obj.meta().generation,
             slivers,
             drained_at,
+            node_refusals,
             now: &now,
         },
     );
@@ -343,7 +389,7 @@ async fn publish(ctx: &Context, obj: &PortSlice, outcome: &Outcome) {
     let (type_, action) = match outcome {
         Outcome::Allocated { .. } => (EventType::Normal, "Allocate"),
         Outcome::Waiting { .. } => (EventType::Warning, "Allocate"),
-        Outcome::Invalid { .. } => (EventType::Warning, "Validate"),
+        Outcome::Refused { .. } => (EventType::Warning, "Validate"),
         Outcome::Terminating { .. } => (EventType::Normal, "Release"),
     };
     let reason = match outcome {

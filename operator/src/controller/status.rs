@@ -1,5 +1,5 @@
 //! What a slice's status should say, computed without I/O from the reconcile's decision.
-use portslice_crds::{Condition, PortRange, PortSliceStatus, Sliver, conditions};
+use portslice_crds::{Condition, NodeRefusal, PortRange, PortSliceStatus, Sliver, conditions};
 
 /// The reconcile's verdict on a slice.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -11,8 +11,12 @@ pub enum Outcome {
         reason: &'static str,
         message: String,
     },
-    /// The spec cannot be satisfied as written.
-    Invalid { message: String },
+    /// The spec cannot be satisfied as written: `reason` is Invalid (a malformed spec) or
+    /// Forbidden (ports the policy does not allow). Nothing changes until the spec does.
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
     /// The slice is being deleted; it keeps `range` (if any) until drained and quarantined.
     Terminating {
         range: Option<PortRange>,
@@ -26,7 +30,7 @@ impl Outcome {
         match self {
             Outcome::Allocated { .. } => conditions::REASON_ALLOCATED,
             Outcome::Waiting { reason, .. } => reason,
-            Outcome::Invalid { .. } => conditions::REASON_INVALID,
+            Outcome::Refused { reason, .. } => reason,
             Outcome::Terminating { .. } => conditions::REASON_TERMINATING,
         }
     }
@@ -38,7 +42,7 @@ impl Outcome {
                 range.len()
             ),
             Outcome::Waiting { message, .. }
-            | Outcome::Invalid { message }
+            | Outcome::Refused { message, .. }
             | Outcome::Terminating { message, .. } => message.clone(),
         }
     }
@@ -50,6 +54,8 @@ pub struct StatusInput<'a> {
     pub generation: Option<i64>,
     pub slivers: Vec<Sliver>,
     pub drained_at: Option<String>,
+    /// Nodes refusing the slice's pods now (see `refusals`).
+    pub node_refusals: Vec<NodeRefusal>,
     /// RFC 3339 "now", used only for conditions whose status changes.
     pub now: &'a str,
 }
@@ -61,7 +67,7 @@ pub fn desired(outcome: &Outcome, input: StatusInput<'_>) -> PortSliceStatus {
         Outcome::Allocated { range } => Some(*range),
         Outcome::Terminating { range, .. } => *range,
         // A slice that waits or is invalid never held a range (a held range is never withdrawn).
-        Outcome::Waiting { .. } | Outcome::Invalid { .. } => input.current.and_then(|s| s.range),
+        Outcome::Waiting { .. } | Outcome::Refused { .. } => input.current.and_then(|s| s.range),
     };
     let (allocated, allocated_reason, allocated_message) = match (outcome, range) {
         (_, Some(r)) => (
@@ -107,6 +113,8 @@ pub fn desired(outcome: &Outcome, input: StatusInput<'_>) -> PortSliceStatus {
         sliver_count: u32::try_from(input.slivers.len()).unwrap_or(u32::MAX),
         slivers: input.slivers,
         drained_at: input.drained_at,
+        node_refusal_count: u32::try_from(input.node_refusals.len()).unwrap_or(u32::MAX),
+        node_refusals: input.node_refusals,
         observed_generation: input.generation,
         conditions,
     }
@@ -160,6 +168,7 @@ mod tests {
             generation: Some(1),
             slivers: vec![],
             drained_at: None,
+            node_refusals: vec![],
             now,
         }
     }

@@ -64,6 +64,33 @@ pub async fn install_crd(client: &Client) {
     .await;
 }
 
+/// `kubectl apply -f -` of `manifests` against the test API server (cluster-scoped objects such
+/// as admission policies, which the typed client has no builder for here).
+pub fn kubectl_apply(manifests: &[u8]) {
+    let cache = std::env::var("PORTSLICE_CACHE").unwrap_or_else(|_| "/var/cache/portslice".into());
+    let version = std::env::var("K8S_VERSION").unwrap_or_else(|_| "1.34.4".into());
+    let kubectl = format!("{cache}/k8s-v{version}/bin/kubectl");
+    let mut child = Command::new(&kubectl)
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {kubectl}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(manifests)
+        .expect("writing manifests");
+    let out = child.wait_with_output().expect("kubectl apply");
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Polls `probe` until it returns Some, or panics after `timeout` naming `what`.
 pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
 where
@@ -101,6 +128,25 @@ impl TestNs {
     /// Starts an operator scoped to this namespace (its Lease lives here too).
     pub fn operator(&self, extra: &[&str]) -> Operator {
         Operator::start(&self.name, extra)
+    }
+
+    /// The operator with a config file (`reservations`, `quotas`, ...), YAML text, that may name
+    /// this namespace as `{ns}`.
+    pub fn operator_with_config(&self, yaml: &str, extra: &[&str]) -> Operator {
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "operator-config-{}-{}.yaml",
+            self.name,
+            nanos()
+        ));
+        std::fs::write(&path, yaml.replace("{ns}", &self.name)).expect("write operator config");
+        let mut args = vec!["--config", path.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        Operator::start(&self.name, &args)
+    }
+
+    /// A reservation rule opening `ports` of this namespace to exact reservations.
+    pub fn reservations(&self, ports: &str) -> String {
+        format!("reservations:\n- {{ports: \"{ports}\", namespaces: [\"{{ns}}\"]}}\n")
     }
 
     pub async fn create(&self, name: &str, spec: PortSliceSpec) -> Result<PortSlice, kube::Error> {
@@ -254,18 +300,13 @@ impl TestNs {
 }
 
 pub fn size_spec(size: u32) -> PortSliceSpec {
-    PortSliceSpec {
-        size: Some(size),
-        ports: None,
-        protocols: vec![Protocol::TCP, Protocol::UDP],
-    }
+    PortSliceSpec::of_size(size)
 }
 
 pub fn exact_spec(start: u16, end: u16) -> PortSliceSpec {
     PortSliceSpec {
-        size: None,
-        ports: Some(PortRange { start, end }),
         protocols: vec![Protocol::UDP],
+        ..PortSliceSpec::exact(PortRange { start, end })
     }
 }
 

@@ -7,19 +7,23 @@
 //! best-effort datapath entry for its host veth, so it can reach slice pods on the node address
 //! (matrix row 4).
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use super::slice::find_slice;
-use super::{asks_for_slice, datapath_err, netns_err, not_loaded, open_datapath};
+use super::{asks_for_slice, datapath_err, lock_node, netns_err, not_loaded, open_datapath};
 use crate::cni::config::{Envelope, PluginConfig};
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, code};
 use crate::cni::result::{CniResult, PodAddress};
-use portslice_datapath::{PinnedDatapath, PodAttachment, SliceBinding};
+use crate::node::{pod_state, refusal, reserved_ports};
+use crate::slice_source::FoundSlice;
+use portslice_datapath::{PinnedDatapath, PodAttachment, SliceBinding, SourceCidr};
 use portslice_netns::plan::PodWiring;
-use portslice_netns::{thread::in_netns, wiring};
+use portslice_netns::{listeners, thread::in_netns, wiring};
+use portslice_ports::{NodeCritical, RangeSet};
 
 pub fn add(env: &CniEnv, envelope: &Envelope) -> Result<String, CniError> {
     let prev = envelope.prev_result().ok_or_else(|| {
@@ -31,8 +35,15 @@ pub fn add(env: &CniEnv, envelope: &Envelope) -> Result<String, CniError> {
     })?;
     match PluginConfig::from_envelope(envelope) {
         Ok(conf) => {
-            if let Some(slice) = find_slice(env, &conf)? {
-                return add_slice_pod(env, &conf, prev, &slice);
+            if let Some(found) = find_slice(env, &conf)? {
+                let added = add_slice_pod(env, &conf, prev, &found);
+                if let (Err(e), Some(portslice), Some(kubeconfig)) =
+                    (&added, &found.portslice, &conf.kubeconfig)
+                {
+                    let node = refusal::node_name(conf.node_name.as_deref());
+                    refusal::report(kubeconfig, portslice, &node, e, conf.api_timeout);
+                }
+                return added;
             }
         }
         Err(e) => {
@@ -64,6 +75,7 @@ fn try_attach_plain_pod(env: &CniEnv, pin_root: &Path, prev: &Value) -> Result<b
     let Some(mut dp) = open_datapath(pin_root)? else {
         return Ok(false);
     };
+    let _lock = lock_node(pin_root)?;
     let ifname = env.ifname.clone();
     let link = in_netns(&PathBuf::from(&env.netns), move || {
         wiring::pod_link(&ifname)
@@ -87,11 +99,11 @@ fn add_slice_pod(
     env: &CniEnv,
     conf: &PluginConfig,
     prev: &Value,
-    slice: &SliceBinding,
+    found: &FoundSlice,
 ) -> Result<String, CniError> {
     let prev = CniResult::from_value(prev.clone())?;
     let pod = prev.pod_address(&env.ifname)?;
-    wire_slice_pod(env, conf, &pod, slice)?;
+    wire_slice_pod(env, conf, &pod, &found.binding, &found.allowed_sources)?;
     prev.with_node_address(conf.version, &pod, conf.node_ip)
         .to_json()
 }
@@ -120,14 +132,20 @@ pub fn wiring_for(
     }
 }
 
-/// Steps in order, each undone (in reverse) when a later one fails.
+/// Steps in order, each undone (in reverse) when a later one fails. Under the node lock from the
+/// one-sliver check to the last map write, so two pods of one slice landing together cannot both
+/// pass it.
 fn wire_slice_pod(
     env: &CniEnv,
     conf: &PluginConfig,
     pod: &PodAddress,
     slice: &SliceBinding,
+    allowed_sources: &[SourceCidr],
 ) -> Result<(), CniError> {
+    refuse_node_critical(conf, slice)?;
     let mut dp = open_datapath(&conf.pin_root)?.ok_or_else(|| not_loaded(&conf.pin_root))?;
+    let _lock = lock_node(&conf.pin_root)?;
+    refuse_host_listeners(slice, conf.node_ip)?;
     refuse_second_sliver(&dp, env, slice)?;
     tracing::debug!("datapath opened, no other sliver of the slice here");
 
@@ -141,19 +159,28 @@ fn wire_slice_pod(
         if let Err(e) = in_netns(&netns, move || wiring::undo(&w, &applied)) {
             tracing::error!(error = %e, "undoing the pod's netns wiring failed");
         }
+        let _ = pod_state::remove(&conf.state_dir, &env.container_id);
     };
     tracing::debug!(?applied.link, "pod netns wired");
     let Some(host_ifindex) = applied.link.peer_ifindex else {
         undo_netns();
         return Err(not_a_veth(env));
     };
+    if let Err(e) = pod_state::save(&conf.state_dir, &env.container_id, &applied.saved_sysctls()) {
+        undo_netns();
+        return Err(
+            CniError::new(code::IO_FAILURE, "saving the pod's state failed")
+                .with_details(format!("{e:#}")),
+        );
+    }
     let attachment = PodAttachment {
         container_id: env.container_id.clone(),
         host_veth_ifindex: host_ifindex,
         pod_private_ip: pod.private.addr,
         slice: Some(slice.clone()),
     };
-    if let Err(e) = dp.attach_pod(&attachment) {
+    // The source filter is in place before the first port steers to the pod.
+    if let Err(e) = dp.attach_pod_with_sources(&attachment, allowed_sources) {
         // attach_pod undoes its own partial work; ours is the netns.
         undo_netns();
         return Err(datapath_err(
@@ -161,8 +188,76 @@ fn wire_slice_pod(
             e,
         ));
     }
+    if let Some(ports) = outside_pool(conf, slice)
+        && let Err(e) = reserved_ports::reserve(&ports)
+    {
+        let _ = dp.detach_pod(&env.container_id, Some(host_ifindex));
+        undo_netns();
+        return Err(CniError::new(
+            code::DATAPATH,
+            format!("reserving ports {ports} on the node failed"),
+        )
+        .with_details(format!("{e:#}")));
+    }
     tracing::info!(slice = %slice.slice_key, range = %slice.range, host_ifindex, "slice pod wired");
     Ok(())
+}
+
+/// The slice's ports outside the pool (an exact reservation), which the node must keep out of
+/// its own ephemeral ports while the pod runs; `None` when all are in the pool (the daemon
+/// reserves it) or the config names no pool.
+pub fn outside_pool(conf: &PluginConfig, slice: &SliceBinding) -> Option<RangeSet> {
+    let pool = conf.pool.as_ref()?;
+    let outside = RangeSet::new([slice.range]).subtract(pool);
+    (!outside.is_empty()).then_some(outside)
+}
+
+/// The node's own ports are never a slice's, whatever the PortSlice, a static slice or CNI_ARGS
+/// say: the operator refuses them too, this is the node's own line.
+fn refuse_node_critical(conf: &PluginConfig, slice: &SliceBinding) -> Result<(), CniError> {
+    match conf.critical.overlap(&slice.range) {
+        None => Ok(()),
+        Some(hit) => Err(CniError::new(
+            code::FORBIDDEN_PORTS,
+            format!(
+                "slice {}: {}",
+                slice.slice_key,
+                NodeCritical::refusal(&slice.range, hit)
+            ),
+        )),
+    }
+}
+
+/// A host process listening on a slice port would lose its traffic to the pod (steering runs
+/// before the host's socket lookup): this node refuses the slice while it listens.
+fn refuse_host_listeners(slice: &SliceBinding, node_ip: Ipv4Addr) -> Result<(), CniError> {
+    let taken = listeners::taken_by(
+        &listeners::host_listeners(),
+        &slice.range,
+        &slice.protocols,
+        node_ip,
+    );
+    let Some(first) = taken.first() else {
+        return Ok(());
+    };
+    let shown: Vec<String> = taken
+        .iter()
+        .take(5)
+        .map(|l| format!("{:?}/{}", l.protocol, l.port))
+        .collect();
+    Err(CniError::new(
+        code::HOST_PORT_IN_USE,
+        format!(
+            "slice {}: a host process on this node listens on {} (of ports {})",
+            slice.slice_key,
+            shown.join(", "),
+            slice.range
+        ),
+    )
+    .with_details(format!(
+        "the node keeps its own listeners; move the process off port {} or run the slice's pods on other nodes",
+        first.port
+    )))
 }
 
 /// One sliver per slice per node: the same range may not belong to two pods here.

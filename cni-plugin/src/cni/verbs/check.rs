@@ -45,7 +45,7 @@ pub fn check(env: &CniEnv, conf: &PluginConfig) -> Result<(), CniError> {
     let recorded = dp.as_ref().and_then(|dp| dp.find_pod(&env.container_id));
     let slice = match &recorded {
         Some(a) => a.slice.clone(),
-        None => find_slice(env, conf)?,
+        None => find_slice(env, conf)?.map(|found| found.binding),
     };
     let Some(slice) = slice else {
         if let (Some(dp), Some(attachment)) = (&dp, &recorded)

@@ -8,11 +8,13 @@ mod gc_status;
 mod slice;
 
 use std::path::Path;
+use std::time::Duration;
 
 use super::config::{Envelope, PluginConfig, peek_version};
 use super::env::{CniEnv, Command};
 use super::error::{CniError, code};
 use super::version::version_reply;
+use crate::node::lock::{LockError, NodeLock};
 use portslice_datapath::{DatapathError, PinnedDatapath};
 
 /// Runs one invocation. `Ok(Some(json))` is printed on stdout, `Ok(None)` prints nothing.
@@ -92,6 +94,21 @@ fn not_loaded(pin_root: &Path) -> CniError {
         "nothing is pinned at {}: is the portslice node daemon running?",
         pin_root.display()
     ))
+}
+
+/// How long a verb waits for another on the same node before it gives up with code 11 (the
+/// runtime retries). Verbs take milliseconds; this only bounds a stuck one.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// The node's verb lock (see [`crate::node::lock`]), held until dropped.
+fn lock_node(pin_root: &Path) -> Result<NodeLock, CniError> {
+    NodeLock::acquire(pin_root, LOCK_WAIT).map_err(|e| {
+        let code = match e {
+            LockError::Busy { .. } => code::TRY_AGAIN_LATER,
+            LockError::Open { .. } => code::DATAPATH,
+        };
+        CniError::new(code, "taking the node's PortSlice lock failed").with_details(e.to_string())
+    })
 }
 
 fn netns_err(msg: &str, e: portslice_netns::NetnsError) -> CniError {

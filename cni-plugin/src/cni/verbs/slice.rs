@@ -3,9 +3,9 @@
 use crate::cni::config::PluginConfig;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, code};
-use crate::slice_source::{Lookup, PlanInput, PodIdentity, SliceBinding, kube_lookup, plan};
+use crate::slice_source::{FoundSlice, Lookup, PlanInput, PodIdentity, kube_lookup, plan};
 
-pub fn find_slice(env: &CniEnv, conf: &PluginConfig) -> Result<Option<SliceBinding>, CniError> {
+pub fn find_slice(env: &CniEnv, conf: &PluginConfig) -> Result<Option<FoundSlice>, CniError> {
     let pod = PodIdentity::from_args(&env.args);
     let input = PlanInput {
         args: &env.args,
@@ -19,7 +19,7 @@ pub fn find_slice(env: &CniEnv, conf: &PluginConfig) -> Result<Option<SliceBindi
     tracing::debug!(pod = %pod.display(), ?lookup, "slice lookup");
     match lookup {
         Lookup::NotASlicePod => Ok(None),
-        Lookup::Known(s) => Ok(Some(s)),
+        Lookup::Known(s) => Ok(Some(FoundSlice::known(s))),
         needs_api => {
             // A runtime only for this call: the API client is async, the rest of the plugin is not.
             let rt = tokio::runtime::Builder::new_current_thread()
