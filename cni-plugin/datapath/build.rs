@@ -5,7 +5,15 @@ use std::{env, path::PathBuf, process::Command};
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let obj = out.join("portslice.bpf.o");
-    for f in ["bpf/portslice.bpf.c", "bpf/portslice_abi.h"] {
+    for f in [
+        "bpf/portslice.bpf.c",
+        "bpf/portslice_abi.h",
+        "bpf/maps.h",
+        "bpf/parse.h",
+        "bpf/frags.h",
+        "bpf/icmp.h",
+        "bpf/forward.h",
+    ] {
         println!("cargo:rerun-if-changed={f}");
     }
     println!("cargo:rerun-if-env-changed=CLANG");

@@ -26,6 +26,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node daemon: load and pin the datapath, install the CNI plugin, serve metrics.
+    // A flag given twice takes the last value, as the chart's args then a user's extra args.
+    #[command(args_override_self = true)]
     Daemon(DaemonArgs),
 }
 

@@ -2,14 +2,16 @@
 //! `cargo test`. One topology, side by side: host networking (a process in the node netns, the
 //! limit), a slice pod, and a pod behind the reference `portmap` plugin's NAT; then the same with
 //! 10,000 ports allocated (a 10,000-port slice vs 10,000 portmap-style iptables DNAT rules vs one
-//! nftables DNAT rule over a 10,000-entry map).
+//! nftables DNAT rule over a 10,000-entry map). Then the same three on an IPv6-only node
+//! (2001:2::1; the portmap plugin's IPv6 NAT is ip6tables), and the IPv6 slice pod with 10,000
+//! ports.
 //!
 //! Environment: `PORTSLICE_BENCH_QUICK=1` (short runs for CI; asserts nothing about speed),
 //! `PORTSLICE_BENCH_OUT=<file>` (write the table between the datapath-bench markers).
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     process::{Child, Stdio},
     sync::{
         Arc,
@@ -19,7 +21,7 @@ use std::{
 };
 
 use portslice_datapath::{PodAttachment, PortRange, Protocol, SliceBinding};
-use portslice_testkit::{NODE_IP, Netns, Topology, require_root, sh};
+use portslice_testkit::{Family, Netns, Stack, Topology, node_ip, require_root, sh};
 
 struct Settings {
     quick: bool,
@@ -56,6 +58,8 @@ impl Settings {
 /// Where a target's servers listen and what the remote dials.
 struct Target {
     label: String,
+    /// The node address of the family the remote dials.
+    addr: IpAddr,
     /// Port the remote dials on the node IP for iperf3 (TCP+UDP), and for request/response.
     iperf: u16,
     rr: u16,
@@ -97,7 +101,12 @@ fn start_servers(ns: &Netns, iperf_port: u16, rr_port: u16) -> Servers {
         .spawn()
         .expect("iperf3 server");
     let stop = Arc::new(AtomicBool::new(false));
-    let l = ns.enter(move || TcpListener::bind(("0.0.0.0", rr_port)).expect("rr listener"));
+    // [::] serves both families; a netns without IPv6 has only 0.0.0.0.
+    let l = ns.enter(move || {
+        TcpListener::bind(("::", rr_port))
+            .or_else(|_| TcpListener::bind(("0.0.0.0", rr_port)))
+            .expect("rr listener")
+    });
     l.set_nonblocking(true).unwrap();
     let l = Arc::new(l);
     for _ in 0..2 {
@@ -127,10 +136,11 @@ fn rr_server(l: &TcpListener, stop: &AtomicBool) {
     }
 }
 
-fn iperf(remote: &Netns, port: u16, args: &[&str], secs: u64) -> serde_json::Value {
+fn iperf(remote: &Netns, addr: IpAddr, port: u16, args: &[&str], secs: u64) -> serde_json::Value {
     let p = port.to_string();
     let t = secs.to_string();
-    let mut a = vec!["-c", "198.18.0.1", "-p", &p, "-t", &t, "-J"];
+    let host = addr.to_string();
+    let mut a = vec!["-c", &host, "-p", &p, "-t", &t, "-J"];
     a.extend_from_slice(args);
     let out = remote
         .command("iperf3")
@@ -146,24 +156,24 @@ fn iperf(remote: &Netns, port: u16, args: &[&str], secs: u64) -> serde_json::Val
     })
 }
 
-fn tcp_gbps(remote: &Netns, port: u16, reverse: bool, secs: u64) -> f64 {
+fn tcp_gbps(remote: &Netns, addr: IpAddr, port: u16, reverse: bool, secs: u64) -> f64 {
     let args: &[&str] = if reverse { &["-R"] } else { &[] };
-    let j = iperf(remote, port, args, secs);
+    let j = iperf(remote, addr, port, args, secs);
     j["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or(0.0)
         / 1e9
 }
 
-fn udp_kpps(remote: &Netns, port: u16, secs: u64) -> f64 {
-    let j = iperf(remote, port, &["-u", "-b", "0", "-l", "64"], secs);
+fn udp_kpps(remote: &Netns, addr: IpAddr, port: u16, secs: u64) -> f64 {
+    let j = iperf(remote, addr, port, &["-u", "-b", "0", "-l", "64"], secs);
     let s = &j["end"]["sum"];
     let received = s["packets"].as_f64().unwrap_or(0.0) - s["lost_packets"].as_f64().unwrap_or(0.0);
     received / s["seconds"].as_f64().unwrap_or(1.0).max(0.001) / 1e3
 }
 
 /// Connections per second: connect, one 64-byte request/response, server closes, client closes.
-fn conn_rate(remote: &Netns, port: u16, threads: usize, secs: u64) -> f64 {
+fn conn_rate(remote: &Netns, addr: IpAddr, port: u16, threads: usize, secs: u64) -> f64 {
     let count = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -174,7 +184,7 @@ fn conn_rate(remote: &Netns, port: u16, threads: usize, secs: u64) -> f64 {
             let file = std::fs::File::open(remote.path()).unwrap();
             std::thread::spawn(move || {
                 nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                let dst = SocketAddrV4::new(NODE_IP, port).into();
+                let dst = SocketAddr::new(addr, port);
                 let mut req = [b'0'; 64];
                 req[0] = b'1';
                 while Instant::now() < deadline {
@@ -207,9 +217,9 @@ fn conn_rate(remote: &Netns, port: u16, threads: usize, secs: u64) -> f64 {
 }
 
 /// Request/response latency on one connection: p50, p99 in microseconds.
-fn latency(remote: &Netns, port: u16, iterations: usize) -> (f64, f64) {
+fn latency(remote: &Netns, addr: IpAddr, port: u16, iterations: usize) -> (f64, f64) {
     let mut samples: Vec<f64> = remote.enter(move || {
-        let mut c = TcpStream::connect(SocketAddrV4::new(NODE_IP, port)).expect("rr connect");
+        let mut c = TcpStream::connect(SocketAddr::new(addr, port)).expect("rr connect");
         c.set_nodelay(true).unwrap();
         let req = [b'0'; 64];
         let mut buf = [0u8; 64];
@@ -240,19 +250,20 @@ fn conntrack_total(node: &Netns) -> usize {
 }
 
 fn measure(t: &Topology, s: &Settings, scenario: &str, target: &Target) -> Row {
-    let (p50, p99) = latency(&t.remote, target.rr, s.rr_iterations);
-    let tcp_in = tcp_gbps(&t.remote, target.iperf, false, s.secs);
-    let tcp_out = tcp_gbps(&t.remote, target.iperf, true, s.secs);
-    let udp = udp_kpps(&t.remote, target.iperf, s.secs);
+    let a = target.addr;
+    let (p50, p99) = latency(&t.remote, a, target.rr, s.rr_iterations);
+    let tcp_in = tcp_gbps(&t.remote, a, target.iperf, false, s.secs);
+    let tcp_out = tcp_gbps(&t.remote, a, target.iperf, true, s.secs);
+    let udp = udp_kpps(&t.remote, a, target.iperf, s.secs);
     // Warm-up (discarded): the first burst of connections after a quiet spell runs slower
     // (page cache, slab, TIME_WAIT buckets), which would penalise whoever is measured first.
-    let _ = conn_rate(&t.remote, target.rr, s.conn_threads, 1);
+    let _ = conn_rate(&t.remote, a, target.rr, s.conn_threads, 1);
     let mut conns = Vec::new();
     let mut conntrack = 0;
     for _ in 0..s.conn_runs {
         let _ = t.node.command("conntrack").arg("-F").output();
         let before = conntrack_total(&t.node);
-        conns.push(conn_rate(&t.remote, target.rr, s.conn_threads, s.secs));
+        conns.push(conn_rate(&t.remote, a, target.rr, s.conn_threads, s.secs));
         conntrack = conntrack.max(conntrack_total(&t.node).saturating_sub(before));
     }
     conns.sort_by(|a, b| a.total_cmp(b));
@@ -285,7 +296,13 @@ fn measure(t: &Topology, s: &Settings, scenario: &str, target: &Target) -> Row {
 
 /// The reference portmap plugin (Debian's containernetworking-plugins), invoked as a runtime
 /// does, in the node netns.
-fn portmap(t: &Topology, verb: &str, pod: &portslice_testkit::Pod, maps: &[(u16, u16, &str)]) {
+fn portmap(
+    t: &Topology,
+    verb: &str,
+    pod: &portslice_testkit::Pod,
+    f: Family,
+    maps: &[(u16, u16, &str)],
+) {
     let mappings: Vec<_> = maps
         .iter()
         .map(|(h, c, p)| serde_json::json!({"hostPort": h, "containerPort": c, "protocol": p}))
@@ -297,7 +314,10 @@ fn portmap(t: &Topology, verb: &str, pod: &portslice_testkit::Pod, maps: &[(u16,
         "prevResult": {
             "cniVersion": "1.0.0",
             "interfaces": [{"name": "eth0", "sandbox": pod.ns.path()}],
-            "ips": [{"address": format!("{}/32", pod.private_ip), "interface": 0}],
+            "ips": [{"address": match f {
+                Family::V4 => format!("{}/32", pod.private_ip),
+                Family::V6 => format!("{}/128", pod.private(f)),
+            }, "interface": 0}],
         },
     });
     let mut child = t
@@ -506,6 +526,70 @@ fn write_section(path: &str, body: &str) {
     std::fs::write(path, new).expect("writing the benchmark file");
 }
 
+/// Host networking, the slice pod and the portmap pod, dialled on the node address of `f`.
+fn targets(f: Family) -> (Target, Target, Target) {
+    let addr = node_ip(f);
+    (
+        Target {
+            label: "host networking".into(),
+            addr,
+            iperf: 5201,
+            rr: 7000,
+        },
+        Target {
+            label: "slice pod".into(),
+            addr,
+            iperf: 40010,
+            rr: 40011,
+        },
+        Target {
+            label: "portmap pod (NAT)".into(),
+            addr,
+            iperf: 8080,
+            rr: 8081,
+        },
+    )
+}
+
+/// The IPv6 rows, on an IPv6-only node of their own: host, slice pod and portmap pod (its
+/// ip6tables DNAT) with one port, then the slice pod holding 10,000 ports.
+fn ipv6_rows(s: &Settings) -> Vec<Row> {
+    let mut t = Topology::new_with(Stack::V6);
+    portslice_testkit::drop_conntrack_invalid6(&t.node);
+    // One sysctl for both families (Linux has no net.ipv6.ip_local_port_range).
+    t.remote
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65000");
+    t.remote.sysctl("net.ipv4.tcp_tw_reuse", "1");
+    t.node.sysctl("net.ipv4.tcp_tw_reuse", "1");
+    t.add_pod(Some((40000, 40099)));
+    t.add_pod_unattached(None);
+    let pm_maps = [
+        (8080, 5201, "tcp"),
+        (8080, 5201, "udp"),
+        (8081, 7000, "tcp"),
+    ];
+    portmap(&t, "ADD", &t.pods[1], Family::V6, &pm_maps);
+    let (host, slice, nat) = targets(Family::V6);
+    let servers = [
+        start_servers(&t.node, host.iperf, host.rr),
+        start_servers(&t.pods[0].ns, slice.iperf, slice.rr),
+        start_servers(&t.pods[1].ns, 5201, 7000),
+    ];
+    let mut rows = Vec::new();
+    for target in [&host, &slice, &nat] {
+        rows.push(measure(&t, s, "IPv6, 1 port", target));
+    }
+    slice_attach(&t, &t.pods[0], (40000, 49999));
+    let slice10 = Target {
+        label: "slice pod (10,000-port slice)".into(),
+        ..slice
+    };
+    rows.push(measure(&t, s, "IPv6, 10,000 ports", &slice10));
+    drop(servers);
+    portmap(&t, "DEL", &t.pods[1], Family::V6, &pm_maps);
+    rows
+}
+
 #[test]
 #[ignore = "benchmark: run by e2e/scripts/bench-datapath.sh"]
 fn datapath_benchmark() {
@@ -528,23 +612,8 @@ fn datapath_benchmark() {
         (8080, 5201, "udp"),
         (8081, 7000, "tcp"),
     ];
-    portmap(&t, "ADD", &t.pods[1], &pm_maps);
-
-    let host = Target {
-        label: "host networking".into(),
-        iperf: 5201,
-        rr: 7000,
-    };
-    let slice = Target {
-        label: "slice pod".into(),
-        iperf: 40010,
-        rr: 40011,
-    };
-    let nat = Target {
-        label: "portmap pod (NAT)".into(),
-        iperf: 8080,
-        rr: 8081,
-    };
+    portmap(&t, "ADD", &t.pods[1], Family::V4, &pm_maps);
+    let (host, slice, nat) = targets(Family::V4);
     let servers = [
         start_servers(&t.node, host.iperf, host.rr),
         start_servers(&t.pods[0].ns, slice.iperf, slice.rr),
@@ -573,11 +642,13 @@ fn datapath_benchmark() {
     rows.push(measure(&t, &s, "10,000 ports: nft map", &nat));
     t.node.run("nft", &["delete", "table", "ip", "psbench"]);
     drop(servers);
+    eprintln!("IPv6 (an IPv6-only node, 2001:2::1)");
+    let rows6 = ipv6_rows(&s);
 
     let n = if s.quick { 5 } else { 50 };
     let small = attach_latency(&t, &t.pods[0], (40000, 40099), n);
     let big = attach_latency(&t, &t.pods[0], (40000, 49999), n);
-    portmap(&t, "DEL", &t.pods[1], &pm_maps);
+    portmap(&t, "DEL", &t.pods[1], Family::V4, &pm_maps);
     // The real plugin, exec'd as a runtime does (ptp + host-local + portslice), from the CNI
     // tests' helper. Free the slice pod's 10,000 ports first: the CNI pods use 41000-41099.
     let (cid, ifx) = (t.pods[0].container_id.clone(), t.pods[0].host_ifindex);
@@ -594,6 +665,8 @@ fn datapath_benchmark() {
         s.conn_runs
     ));
     body.push_str(&table(&rows));
+    body.push_str("\nIPv6, the same machine and run, on an IPv6-only node (node 2001:2::1, remote 2001:2::2; conntrack made to track IPv6 by ip6tables `ctstate INVALID` rules; the portmap plugin's NAT is ip6tables DNAT):\n\n");
+    body.push_str(&table(&rows6));
     body.push_str(&format!(
         "\nDatapath part of CNI ADD/DEL (`PinnedDatapath::attach_pod` / `detach_pod`, {n} runs): 100-port slice ADD p50 {:.2} ms p99 {:.2} ms, DEL p50 {:.2} ms p99 {:.2} ms; 10,000-port slice ADD p50 {:.2} ms p99 {:.2} ms, DEL p50 {:.2} ms p99 {:.2} ms (first 10,000-port attach: {:.2} ms).\n\n",
         small.0, small.1, small.2, small.3, big.0, big.1, big.2, big.3, slice_10k.as_secs_f64() * 1e3

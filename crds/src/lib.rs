@@ -3,9 +3,11 @@
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
+pub mod names;
 pub mod refusal;
 mod slice;
 
+pub use names::{NamedPorts, PortName};
 pub use portslice_ports::{PortRange, PortRangeError, Protocol};
 pub use slice::{
     Condition, NodeRefusal, PortSlice, PortSliceSpec, PortSliceStatus, Sliver, conditions,

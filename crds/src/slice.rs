@@ -2,6 +2,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::names::{NamedPorts, PortName};
 use portslice_ports::{PortRange, Protocol};
 
 /// A request for a contiguous range of ports on the shared node address.
@@ -25,8 +26,9 @@ use portslice_ports::{PortRange, Protocol};
     printcolumn(name = "Ready", type_ = "string", description = "Whether the range is allocated and usable", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Slivers", type_ = "integer", description = "Pods of the slice running on nodes", json_path = ".status.sliverCount"),
     printcolumn(name = "Reason", type_ = "string", priority = 1, description = "Why the slice is (not) ready", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Ports", type_ = "string", priority = 1, description = "Named ports", json_path = ".status.namedPortsText"),
     printcolumn(name = "Refused-On", type_ = "integer", description = "Nodes refusing the slice's pods now (see status.nodeRefusals)", json_path = ".status.nodeRefusalCount"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     // allowedSources stays editable: it is a filter, not the allocation. (Ports are compared
     // field by field: comparing the optional objects whole is over the CEL cost budget.)
     validation = Rule::new(
@@ -40,6 +42,13 @@ use portslice_ports::{PortRange, Protocol};
 )]
 #[x_kube(validation = Rule::new("has(self.size) != has(self.ports)")
     .message("set exactly one of spec.size (any free range of that many ports) or spec.ports (these exact ports)"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.names) || self.names.all(n, n.offset + (has(n.count) ? n.count : 1) <= \
+     (has(self.size) ? self.size : (has(self.ports) ? self.ports.end - self.ports.start + 1 : 65535)))"
+).message("every named port must lie inside the slice: offset + count <= the slice's size"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.names) || self.names.all(n, !has(n.protocol) || n.protocol in self.protocols)"
+).message("a named port's protocol must be one of the slice's protocols"))]
 #[serde(rename_all = "camelCase")]
 pub struct PortSliceSpec {
     /// Number of contiguous ports wanted; the operator picks where they lie in the pool.
@@ -68,6 +77,14 @@ pub struct PortSliceSpec {
     #[schemars(length(max = 64), inner(length(max = 43)))]
     #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c).ip().family() == 4)").message("allowedSources must be IPv4 CIDRs such as 198.51.100.0/24"))]
     pub allowed_sources: Vec<String>,
+
+    /// Names for ports of the slice, e.g. `{name: sip, offset: 0, protocol: UDP}` and
+    /// `{name: rtp, offset: 2, count: 998}`: the operator publishes them in the slice's ConfigMap
+    /// (`PORTSLICE_PORT_SIP`) and as SRV records (`_sip._udp.<slice>.<namespace>.svc`). Editable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.all(n, self.exists_one(m, m.name == n.name))").message("port names must be unique"))]
+    pub names: Vec<PortName>,
 }
 
 fn default_protocols() -> Vec<Protocol> {
@@ -107,6 +124,14 @@ pub struct PortSliceStatus {
     /// `metadata.generation` that this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+
+    /// The named ports of `spec.names`, resolved against the range.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub named_ports: Vec<NamedPorts>,
+
+    /// `namedPorts` as text (`sip=5060/UDP rtp=5062-6059/UDP`), for `kubectl get -o wide`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub named_ports_text: Option<String>,
 
     /// Nodes that refuse the slice's pods right now (a host process listens on one of its ports,
     /// or the node counts them among its own), as their CNI plugin reported.
@@ -193,6 +218,7 @@ impl PortSliceSpec {
             ports: None,
             protocols: default_protocols(),
             allowed_sources: Vec::new(),
+            names: Vec::new(),
         }
     }
 
@@ -203,6 +229,7 @@ impl PortSliceSpec {
             ports: Some(ports),
             protocols: default_protocols(),
             allowed_sources: Vec::new(),
+            names: Vec::new(),
         }
     }
 

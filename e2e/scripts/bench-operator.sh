@@ -77,7 +77,7 @@ def load(p):
         k, v = line.rstrip("\n").split("\t"); d[k] = int(v)
     return d
 a, b = load(sys.argv[1]), load(sys.argv[2])
-keep = ("portslices", "events", "leases")
+keep = ("portslices", "events", "leases", "configmaps", "services", "endpointslices")
 delta = {k: b[k] - a.get(k, 0) for k in b if k.split(" ")[1].split("/")[0] in keep and b[k] - a.get(k, 0) > 0}
 total = sum(delta.values())
 print(total)
@@ -87,8 +87,10 @@ EOF
 
 proc_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 
+SLIVERS=${BENCH_SLIVERS:-100}
 results=()
 breakdowns=()
+sliver_rows=()
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 for n in $counts; do
     dir="$work/api-$n"
@@ -104,6 +106,27 @@ for n in $counts; do
         { tail -20 "$work/operator-$n.log" >&2; die "benchmark with $n slices failed"; }
     request_counts "$dir" > "$work/after-$n.tsv"
     if [ -n "${BENCH_LATENCY:-}" ]; then request_latency "$dir" >&2; fi
+    # Slivers coming and going among the N slices: what each change costs in writes.
+    k=$(( SLIVERS < n ? SLIVERS : n ))
+    sliver_out=$("$BENCH" --namespace bench --slivers "$k" --timeout-secs 300) ||
+        { tail -20 "$work/operator-$n.log" >&2; die "sliver phase with $n slices failed"; }
+    request_counts "$dir" > "$work/slivers-$n.tsv"
+    { read -r sliver_total; read -r sliver_breakdown; } < <(request_delta "$work/after-$n.tsv" "$work/slivers-$n.tsv")
+    sliver_writes=$(python3 - "$work/after-$n.tsv" "$work/slivers-$n.tsv" <<'EOF'
+import sys
+def load(p):
+    return {k: int(v) for k, v in (l.rstrip("\n").split("\t") for l in open(p))}
+a, b = load(sys.argv[1]), load(sys.argv[2])
+def writes(res):
+    return sum(b[k] - a.get(k, 0) for k in b
+               if k.split(" ")[1] == res and k.split(" ")[0] in ("POST", "PUT", "PATCH", "APPLY", "DELETE"))
+print(writes("endpointslices"), writes("configmaps") + writes("services"), writes("portslices/status"))
+EOF
+)
+    read -r es_w other_w status_w <<<"$sliver_writes"
+    changes=$((2 * k))
+    log "$n slices, $k slivers up and down ($changes changes): $sliver_out; EndpointSlice writes $es_w, ConfigMap+Service writes $other_w, status writes $status_w ($sliver_breakdown)"
+    sliver_rows+=("| $n | $changes | $es_w | $(python3 -c "print(f'{$es_w/$changes:.2f}')") | $other_w | $status_w |")
     hwm=$(proc_kb "$op_pid" VmHWM); rss=$(proc_kb "$op_pid" VmRSS)
     errors=$(curl -sf "http://127.0.0.1:$metrics_port/metrics" | sed -n 's/^portslice_reconcile_errors_total{error="\([a-z_]*\)"} \([0-9]*\).*/\1=\2/p' | tr '\n' ' ')
     log "operator reconcile errors: ${errors:-none}"
@@ -121,7 +144,8 @@ table=$(
     echo "Allocating N PortSlices (size 1, pool 40000-59999) against a local kube-apiserver $K8S_VERSION + etcd $(etcd --version 2>/dev/null | sed -n 's/^etcd Version: //p');"
     echo "slices created by 64 concurrent clients; time from the first create until every slice holds a range."
     echo "Requests: apiserver_request_total for portslices, events and leases, all clients: the N POSTs are the benchmark's"
-    echo "creates; the operator writes twice per slice (finalizer PATCH, status APPLY; Normal Allocated Events are off by default)."
+    echo "creates; the operator writes twice per slice (finalizer PATCH, status APPLY; Normal Allocated Events are off by default),"
+    echo "plus what it publishes (below)."
     echo
     echo "| slices | seconds until all allocated | overlaps | API requests | requests / slice | operator RSS (MB) | peak RSS (MB) |"
     echo "|---:|---:|---:|---:|---:|---:|---:|"
@@ -129,6 +153,12 @@ table=$(
     echo
     echo "Request breakdown:"
     printf '%s\n' "${breakdowns[@]}"
+    echo
+    echo "Publishing is on (the default): each allocated slice also gets its ConfigMap, headless Service and EndpointSlice (3 creates). Then, among the N allocated slices, pods for $SLIVERS of them appear (status written as a kubelet would) and go: what each sliver change costs."
+    echo
+    echo "| slices | sliver changes | EndpointSlice writes | per change | ConfigMap + Service writes | PortSlice status writes |"
+    echo "|---:|---:|---:|---:|---:|---:|"
+    printf '%s\n' "${sliver_rows[@]}"
     echo
     echo "Measured $(date -u +%Y-%m-%d) on $(uname -n): $(nproc) cores ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), $(free -g | awk '/^Mem:/ {print $2}') GB RAM, kernel $(uname -r); load average before the run $load_before (the machine is shared, so absolute times vary). Targets: 10,000 in < 60 s, RSS < 50 MB."
 )

@@ -4,6 +4,7 @@
 #   localhost/portslice-operator:$IMAGE_TAG   the operator (Deployment)
 #   localhost/portslice-node:$IMAGE_TAG       the node daemon + CNI plugin (DaemonSet)
 #   localhost/portslice-e2e-agent:$IMAGE_TAG  the e2e workload (busybox + portslice-e2e-agent)
+#   localhost/portslice-coturn:$IMAGE_TAG     Debian's coturn (+ busybox), for examples/40-coturn.yaml
 # Each image is the binary plus the shared libraries `ldd` lists, packed by oci.sh. The
 # Dockerfiles next to the crates build the same images where Docker and a registry exist.
 #
@@ -23,7 +24,7 @@ case "$IMAGE_PROFILE" in
 esac
 
 build() {
-    apt_install busybox-static clang llvm libbpf-dev binutils
+    apt_install busybox-static clang llvm libbpf-dev binutils coturn
     cd "$REPO_ROOT"
     cargo build "${profile_flag[@]}" -p portslice-operator -p portslice-cni -p portslice-e2e \
         --bin portslice-operator --bin portslice --bin portslice-e2e-agent
@@ -71,6 +72,15 @@ pack() {
     add_bin "$root" "$bin_dir/portslice-e2e-agent" /bin/portslice-e2e-agent
     oci_pack "localhost/portslice-e2e-agent:$IMAGE_TAG" "$root" "$OUT/portslice-e2e-agent.tar" \
         '["/bin/portslice-e2e-agent"]' '["PATH=/bin"]'
+    rm -rf "$root"
+    root=$(mktemp -d)
+    passwd "$root"
+    mkdir -p "$root/bin"
+    cp /bin/busybox "$root/bin/busybox"
+    for applet in sh cat netstat sleep; do ln -s busybox "$root/bin/$applet"; done
+    oci_add_elf "$root" /usr/bin/turnserver /usr/bin/turnserver
+    oci_pack "localhost/portslice-coturn:$IMAGE_TAG" "$root" "$OUT/portslice-coturn.tar" \
+        '["/usr/bin/turnserver"]' '["PATH=/bin:/usr/bin"]'
     rm -rf "$root"
     ls -l "$OUT"/portslice-*.tar >&2
 }

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # A real 3-node kind cluster on this machine (1 control plane, 2 workers), from nothing: dockerd
 # (docker.sh), kind and a node image built here without registries (kind-image.sh), the `kind`
-# docker network inside 198.18.0.0/15, `kind create cluster` with e2e/kind/cluster.yaml, then a
-# primary CNI of kindnet's form and CoreDNS answering remote.portslice.test.
+# docker network inside 198.18.0.0/15 and 2001:2::/48 (dual stack), `kind create cluster` with
+# e2e/kind/cluster.yaml, then a primary CNI of kindnet's form and CoreDNS answering
+# remote.portslice.test.
 #
 # Networking, as kindnet would do it (kindnetd's image cannot be fetched here):
-#   - /etc/cni/net.d/10-kindnet.conflist on each node (ptp + host-local for the node's
-#     spec.podCIDR, portmap), written once: a chained plugin (PortSlice) may extend it later;
-#   - on each node a route to every other node's podCIDR via that node's IP;
-#   - nat chain KIND-MASQ-AGENT: traffic leaving for outside the pod CIDR is masqueraded.
+#   - /etc/cni/net.d/10-kindnet.conflist on each node (ptp + host-local with one range per
+#     spec.podCIDRs family, portmap), written once: a chained plugin (PortSlice) may extend it;
+#   - on each node a route to every other node's pod CIDRs via that node's address of the family;
+#   - nat chain KIND-MASQ-AGENT (iptables and ip6tables): traffic leaving for outside the pod
+#     CIDRs is masqueraded.
 # The docker host is the "remote host": it sits on the kind network at the gateway address.
 # The kind network does not masquerade to the machine's uplink (nothing here may go out).
 #
@@ -27,8 +29,10 @@ KIND_CONFIG=${KIND_CONFIG:-$REPO_ROOT/e2e/kind/cluster.yaml}
 KIND_NETWORK=kind
 KIND_SUBNET=${KIND_SUBNET:-198.19.0.0/24}
 KIND_GATEWAY=${KIND_GATEWAY:-198.19.0.1}
-# Dual stack later: KIND_IPV6_SUBNET=2001:2:0:1::/64 gives the network an IPv6 subnet as well.
-KIND_IPV6_SUBNET=${KIND_IPV6_SUBNET:-}
+# The network's IPv6 subnet (the cluster is dual-stack), in the RFC 5180 benchmarking range; the
+# docker host, the remote host, is its first address. Empty: IPv4 only (with an ipv4 cluster.yaml).
+KIND_IPV6_SUBNET=${KIND_IPV6_SUBNET-2001:2:0:1::/64}
+KIND_GATEWAY6=${KIND_GATEWAY6:-${KIND_IPV6_SUBNET:+${KIND_IPV6_SUBNET%%/*}1}}
 REMOTE_NAME=${REMOTE_NAME:-remote.portslice.test}
 UPLINK=eth0
 IMAGES=$PORTSLICE_CACHE/images
@@ -36,6 +40,9 @@ KIND=$TOOLS_BIN/kind
 KUBECTL=$K8S_BIN/kubectl
 POD_SUBNET=$(sed -n 's/^ *podSubnet: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$KIND_CONFIG")
 [ -n "$POD_SUBNET" ] || die "no podSubnet in $KIND_CONFIG"
+# "IPv4[,IPv6]": one per family.
+POD_SUBNET4=${POD_SUBNET%%,*}
+POD_SUBNET6=$([[ $POD_SUBNET == *,* ]] && echo "${POD_SUBNET#*,}" || true)
 
 k() { "$KUBECTL" --kubeconfig "$KIND_KUBECONFIG" "$@"; }
 cluster_exists() { [ -x "$KIND" ] && docker version >/dev/null 2>&1 && "$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER"; }
@@ -64,7 +71,7 @@ network() {
     local args=(-d bridge --subnet "$KIND_SUBNET" --gateway "$KIND_GATEWAY"
         -o com.docker.network.bridge.enable_ip_masquerade=false
         -o com.docker.network.driver.mtu=1500)
-    [ -n "$KIND_IPV6_SUBNET" ] && args+=(--ipv6 --subnet "$KIND_IPV6_SUBNET")
+    [ -n "$KIND_IPV6_SUBNET" ] && args+=(--ipv6 --subnet "$KIND_IPV6_SUBNET" --gateway "$KIND_GATEWAY6")
     docker network create "${args[@]}" "$KIND_NETWORK" >/dev/null
     log "docker network $KIND_NETWORK: $want, gateway (the remote host) $KIND_GATEWAY"
 }
@@ -93,15 +100,27 @@ create() {
     "$KIND" "${args[@]}" || die "kind create cluster failed (KIND_RETAIN=1 keeps the nodes for a look; kind export logs)"
 }
 
-node_table() { # name podCIDR internalIP, one node a line; fails until every node has a podCIDR
-    local out
-    out=$(k get nodes -o jsonpath='{range .items[*]}{.metadata.name} {.spec.podCIDR} {.status.addresses[?(@.type=="InternalIP")].address}{"\n"}{end}') || return 1
+node_table() { # "name podCIDR4 IP4 podCIDR6 IP6" a line ("-" for a family the node lacks); fails
+    # until every node has its pod CIDRs
+    local out name cidrs ips c4 c6 i4 i6 c i
+    out=$(k get nodes -o jsonpath='{range .items[*]}{.metadata.name}|{.spec.podCIDRs[*]}|{.status.addresses[?(@.type=="InternalIP")].address}{"\n"}{end}') || return 1
     [ -n "$out" ] || return 1
-    awk 'NF != 3 {bad = 1} END {exit bad}' <<<"$out" || return 1
-    echo "$out"
+    while IFS='|' read -r name cidrs ips; do
+        c4=- c6=- i4=- i6=-
+        for c in $cidrs; do if [[ $c == *:* ]]; then c6=$c; else c4=$c; fi; done
+        for i in $ips; do if [[ $i == *:* ]]; then i6=$i; else i4=$i; fi; done
+        [ "$c4" != - ] && [ "$i4" != - ] || return 1
+        [ -z "$POD_SUBNET6" ] || { [ "$c6" != - ] && [ "$i6" != - ]; } || return 1
+        echo "$name $c4 $i4 $c6 $i6"
+    done <<<"$out"
 }
 
-kindnet_conflist() { # POD_CIDR MTU — kindnet's form
+kindnet_conflist() { # POD_CIDR4 POD_CIDR6|- MTU — kindnet's form, one host-local range per family
+    local routes='{ "dst": "0.0.0.0/0" }' ranges="[ { \"subnet\": \"$1\" } ]"
+    if [ "$2" != - ]; then
+        routes+=', { "dst": "::/0" }'
+        ranges+=", [ { \"subnet\": \"$2\" } ]"
+    fi
     cat <<EOF
 {
 	"cniVersion": "0.3.1",
@@ -114,13 +133,13 @@ kindnet_conflist() { # POD_CIDR MTU — kindnet's form
 			"type": "host-local",
 			"dataDir": "/run/cni-ipam-state",
 			"routes": [
-				{ "dst": "0.0.0.0/0" }
+				$routes
 			],
 			"ranges": [
-				[ { "subnet": "$1" } ]
+				$ranges
 			]
 		},
-		"mtu": $2
+		"mtu": $3
 	},
 	{
 		"type": "portmap",
@@ -134,13 +153,13 @@ EOF
 }
 
 primary_cni() {
-    wait_for "a podCIDR on every node" 120 node_table
-    local table name cidr ip other ocidr oip mtu
+    wait_for "pod CIDRs on every node" 120 node_table
+    local table name cidr ip cidr6 ip6 other ocidr oip ocidr6 oip6 mtu
     table=$(node_table)
-    while read -r name cidr ip; do
+    while read -r name cidr ip cidr6 ip6; do
         mtu=$(docker exec "$name" cat /sys/class/net/$UPLINK/mtu)
         # Written once: a chained plugin may add itself to this conflist afterwards.
-        kindnet_conflist "$cidr" "$mtu" | docker exec -i "$name" sh -euc '
+        kindnet_conflist "$cidr" "$cidr6" "$mtu" | docker exec -i "$name" sh -euc '
             f=/etc/cni/net.d/10-kindnet.conflist
             [ -f "$f" ] && exit 0
             mkdir -p /etc/cni/net.d
@@ -150,20 +169,25 @@ primary_cni() {
             cat > /etc/cni/10-kindnet.conflist.tmp
             mv /etc/cni/10-kindnet.conflist.tmp "$f.tmp"
             mv "$f.tmp" "$f"'
-        while read -r other ocidr oip; do
+        while read -r other ocidr oip ocidr6 oip6; do
             [ "$other" = "$name" ] && continue
             docker exec "$name" ip route replace "$ocidr" via "$oip"
+            [ "$ocidr6" = - ] || docker exec "$name" ip -6 route replace "$ocidr6" via "$oip6"
         done <<<"$table"
         docker exec "$name" sh -euc '
             c="kind-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom KIND-MASQ-AGENT chain"
-            iptables -t nat -N KIND-MASQ-AGENT 2>/dev/null || true
-            iptables -t nat -C POSTROUTING -m addrtype ! --dst-type LOCAL -m comment --comment "$c" -j KIND-MASQ-AGENT 2>/dev/null ||
-                iptables -t nat -A POSTROUTING -m addrtype ! --dst-type LOCAL -m comment --comment "$c" -j KIND-MASQ-AGENT
-            iptables -t nat -F KIND-MASQ-AGENT
-            iptables -t nat -A KIND-MASQ-AGENT -d "$1" -m comment --comment "kind-masq-agent: local traffic is not subject to MASQUERADE" -j RETURN
-            iptables -t nat -A KIND-MASQ-AGENT -m comment --comment "kind-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)" -j MASQUERADE
-        ' _ "$POD_SUBNET"
-        log "node $name ($ip): podCIDR $cidr, mtu $mtu"
+            masq() { # iptables|ip6tables POD_SUBNET
+                $1 -t nat -N KIND-MASQ-AGENT 2>/dev/null || true
+                $1 -t nat -C POSTROUTING -m addrtype ! --dst-type LOCAL -m comment --comment "$c" -j KIND-MASQ-AGENT 2>/dev/null ||
+                    $1 -t nat -A POSTROUTING -m addrtype ! --dst-type LOCAL -m comment --comment "$c" -j KIND-MASQ-AGENT
+                $1 -t nat -F KIND-MASQ-AGENT
+                $1 -t nat -A KIND-MASQ-AGENT -d "$2" -m comment --comment "kind-masq-agent: local traffic is not subject to MASQUERADE" -j RETURN
+                $1 -t nat -A KIND-MASQ-AGENT -m comment --comment "kind-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)" -j MASQUERADE
+            }
+            masq iptables "$1"
+            [ -z "$2" ] || masq ip6tables "$2"
+        ' _ "$POD_SUBNET4" "$POD_SUBNET6"
+        log "node $name ($ip ${ip6#-}): podCIDRs $cidr ${cidr6#-}, mtu $mtu"
     done <<<"$table"
 }
 
@@ -189,7 +213,8 @@ cluster_dns() {
         ttl 30
     }
     hosts /etc/hosts ${REMOTE_NAME#*.} {
-        $KIND_GATEWAY $REMOTE_NAME
+        $KIND_GATEWAY $REMOTE_NAME${KIND_GATEWAY6:+
+        $KIND_GATEWAY6 $REMOTE_NAME}
     }
     prometheus :9153
     cache 30
@@ -208,6 +233,25 @@ EOF
         die "CoreDNS did not become Ready: $(k -n kube-system get pods -l k8s-app=kube-dns --no-headers 2>&1 | tr '\n' ';')"
 }
 
+# What the cluster was created from: its config and the network's subnets. A cluster (or network)
+# of another config is deleted and recreated by `up` instead of being reused half-fitting.
+STAMP=$PORTSLICE_CACHE/kind-$CLUSTER.stamp
+config_stamp() { printf '%s %s %s\n' "$(sha256sum "$KIND_CONFIG" | cut -c1-16)" "$KIND_SUBNET" "$KIND_IPV6_SUBNET"; }
+
+stale_cluster() {
+    [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(config_stamp)" ] && return 0
+    if cluster_exists; then
+        log "cluster $CLUSTER was made from another config (or before stamps): recreating it"
+        "$KIND" delete cluster --name "$CLUSTER" --kubeconfig "$KIND_KUBECONFIG"
+    fi
+    local left; left=$(node_names)
+    [ -z "$left" ] || docker rm -f -v $left >/dev/null
+    if docker network inspect "$KIND_NETWORK" >/dev/null 2>&1; then
+        docker network rm "$KIND_NETWORK" >/dev/null
+    fi
+    rm -f "$STAMP"
+}
+
 node_image() {
     NODE_IMAGE=$(bash e2e/scripts/kind-image.sh) || die "building kind or the node image failed (output above)"
     [ -n "$NODE_IMAGE" ] || die "kind-image.sh printed no image name"
@@ -217,8 +261,10 @@ up() {
     local total=$SECONDS
     stage docker bash e2e/scripts/docker.sh up
     stage node-image node_image
+    stage kind-config stale_cluster
     stage kind-network network
     stage kind-create create
+    config_stamp > "$STAMP"
     stage primary-cni primary_cni
     stage nodes-ready nodes_ready
     stage cluster-dns cluster_dns
@@ -242,6 +288,7 @@ env_out() {
     # The e2e suite's view: every node through `docker exec`, the docker host as the remote.
     q PORTSLICE_E2E_NODE_EXEC "docker exec {node}"
     q PORTSLICE_E2E_REMOTE_IP "$KIND_GATEWAY"
+    q PORTSLICE_E2E_REMOTE_IP6 "${KIND_GATEWAY6:-}"
     q PORTSLICE_E2E_REMOTE_EXEC ""
     q PORTSLICE_E2E_REMOTE_NAME "$REMOTE_NAME"
     q PORTSLICE_E2E_HELM "$TOOLS_BIN/helm"
@@ -251,7 +298,7 @@ env_out() {
 load() {
     cluster_exists || die "no kind cluster $CLUSTER (kind.sh up)"
     local tars=("$@") t
-    [ ${#tars[@]} -eq 0 ] && tars=("$IMAGES/portslice-operator.tar" "$IMAGES/portslice-node.tar" "$IMAGES/portslice-e2e-agent.tar")
+    [ ${#tars[@]} -eq 0 ] && tars=("$IMAGES/portslice-operator.tar" "$IMAGES/portslice-node.tar" "$IMAGES/portslice-e2e-agent.tar" "$IMAGES/portslice-coturn.tar")
     for t in "${tars[@]}"; do
         if [ ! -f "$t" ]; then log "skipping $t (not built: e2e/scripts/images.sh --no-import)"; continue; fi
         stage "load-$(basename "$t" .tar)" "$KIND" load image-archive "$t" --name "$CLUSTER"
@@ -273,7 +320,7 @@ down() {
         docker network inspect "$KIND_NETWORK" >/dev/null 2>&1 && docker network rm "$KIND_NETWORK" >/dev/null
     fi
     if [ -f "$KIND_RUN/created-lib-modules" ]; then rmdir /lib/modules 2>/dev/null || true; fi
-    rm -rf "$KIND_RUN"
+    rm -rf "$KIND_RUN" "$STAMP"
     bash e2e/scripts/docker.sh down
     log "kind down in $((SECONDS - total))s"
 }

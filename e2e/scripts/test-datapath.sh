@@ -7,6 +7,10 @@
 #                    plugins up to 1.0.0, a newer release for 1.1.0), through cnitool and podman
 #   cni_matrix       every row of docs/DESIGN.md's connectivity matrix, pods made by the CNI chain
 #   veth_matrix      the same rows with plain veths, plus PMTU and zero conntrack
+#   cni_matrix6, veth_matrix6  every row on an IPv6-only node (2001:2::/48), both pod paths
+#   dual_stack       a node sharing both addresses: one pod on both, pods of one family
+#   node_ports, hardening  the node's own ports and listeners; ICMP/fragment/source hardening
+#   upgrade          nodes of earlier releases taken over under a running transfer
 #   daemon, clsact   the node daemon, and the attach fallback for kernels without tcx
 # Needs root (CI runs as root); installs what the tests need. Prints stage timings.
 #
@@ -38,6 +42,7 @@ stage "start kube-apiserver + etcd" bash e2e/scripts/apiserver.sh start "$apiser
 # timings show where time goes. The benchmark (tests/bench.rs) is run by bench-datapath.sh.
 stage "test kube" env KUBECONFIG="$apiserver_dir/kubeconfig" \
     cargo test -p portslice-cni --test node -- kube:: --nocapture
-for suite in protocol chain cni_matrix veth_matrix node_ports hardening upgrade daemon clsact; do
+for suite in protocol chain cni_matrix veth_matrix cni_matrix6 veth_matrix6 dual_stack node_ports \
+    hardening upgrade daemon clsact; do
     stage "test $suite" cargo test -p portslice-cni --test node -- "$suite::"
 done

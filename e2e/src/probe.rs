@@ -1,12 +1,12 @@
 //! What the agent answers: one line `<name> <peer-ip>:<peer-port>`.
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     /// Who answered (pod name, or the remote host's name).
     pub name: String,
     /// The address the answering side saw the caller at.
-    pub peer: SocketAddrV4,
+    pub peer: SocketAddr,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

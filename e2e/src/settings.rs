@@ -1,7 +1,7 @@
 //! What the suite runs against, read from `PORTSLICE_E2E_*` variables. Defaults fit the kind
 //! cluster of `e2e/scripts/kind.sh` (whose `env` prints them); any other cluster sets its own.
 //! The nodes themselves come from the API server.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +21,9 @@ pub const NODE_PLACEHOLDER: &str = "{node}";
 pub struct Settings {
     /// The remote host's address as the nodes see it (kind: the docker host on the kind network).
     pub remote_ip: Ipv4Addr,
+    /// Its IPv6 address on a dual-stack cluster (kind: the kind network's IPv6 gateway); the
+    /// IPv6 checks run only with one.
+    pub remote_ip6: Option<Ipv6Addr>,
     /// A name the cluster DNS resolves to the remote host, if it has one.
     pub remote_name: Option<String>,
     /// Command prefix that runs a program on the remote host; empty: this machine is it.
@@ -40,6 +43,9 @@ pub struct Settings {
     pub agent_image: String,
     /// The agent binary for the remote side.
     pub agent_bin: PathBuf,
+    /// Image of Debian's coturn (examples/40-coturn.yaml) and the examples directory.
+    pub coturn_image: String,
+    pub examples: PathBuf,
     /// Extra `--set` values for helm install (images, pools).
     pub helm_sets: Vec<String>,
     /// The nodes' CNI conf and bin dirs and bpffs pin root, for the "node is clean" checks.
@@ -70,6 +76,17 @@ impl Settings {
                     value: remote_ip.clone(),
                     reason: e.to_string(),
                 })?;
+        let remote_ip6 =
+            match set("PORTSLICE_E2E_REMOTE_IP6") {
+                None => None,
+                Some(v) => Some(v.parse().map_err(|e: std::net::AddrParseError| {
+                    SettingsError::Invalid {
+                        var: "PORTSLICE_E2E_REMOTE_IP6",
+                        value: v.clone(),
+                        reason: e.to_string(),
+                    }
+                })?),
+            };
         let node_exec = words(&var("PORTSLICE_E2E_NODE_EXEC", "docker exec {node}"));
         if !node_exec.iter().any(|w| w.contains(NODE_PLACEHOLDER)) {
             return Err(SettingsError::Invalid {
@@ -84,6 +101,7 @@ impl Settings {
         let k8s = var("K8S_VERSION", "1.34.4");
         Ok(Settings {
             remote_ip,
+            remote_ip6,
             remote_name: Some(var("PORTSLICE_E2E_REMOTE_NAME", "remote.portslice.test"))
                 .filter(|n| n != "none"),
             // Unset or empty: this machine is the remote host.
@@ -106,6 +124,11 @@ impl Settings {
                 "localhost/portslice-e2e-agent:dev",
             ),
             agent_bin,
+            coturn_image: var(
+                "PORTSLICE_E2E_COTURN_IMAGE",
+                "localhost/portslice-coturn:dev",
+            ),
+            examples: repo.join("examples"),
             helm_sets: set("PORTSLICE_E2E_HELM_SET")
                 .map(|s| words(&s))
                 .unwrap_or_default(),

@@ -144,3 +144,124 @@ fn numbers_as_floats(v: serde_yaml::Value) -> serde_yaml::Value {
         other => other,
     }
 }
+
+/// `helm template t charts/portslice` with `args`: Ok(rendered) or Err(helm's message).
+fn template(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(helm())
+        .arg("template")
+        .arg("t")
+        .arg(chart())
+        .args(args)
+        .output()
+        .expect("running helm");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn kinds(rendered: &str) -> Vec<String> {
+    rendered
+        .lines()
+        .filter_map(|l| l.strip_prefix("kind: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// ServiceMonitor and PodMonitor appear only where the Prometheus Operator's API exists (as
+/// `helm install` sees it in `.Capabilities`), unless forced on or off.
+#[test]
+fn monitors_render_only_where_the_prometheus_operator_api_exists() {
+    let monitors = |args: &[&str]| {
+        let k = kinds(&template(args).expect("renders"));
+        (
+            k.iter().any(|k| k == "ServiceMonitor"),
+            k.iter().any(|k| k == "PodMonitor"),
+        )
+    };
+    let api = "--api-versions=monitoring.coreos.com/v1";
+    assert_eq!(monitors(&[]), (false, false), "no API, auto: none");
+    assert_eq!(monitors(&[api]), (true, true), "API, auto: both");
+    assert_eq!(
+        monitors(&[
+            api,
+            "--set",
+            "monitoring.serviceMonitor.enabled=false",
+            "--set",
+            "monitoring.podMonitor.enabled=false"
+        ]),
+        (false, false),
+        "off wins over the API"
+    );
+    assert_eq!(
+        monitors(&["--set", "monitoring.podMonitor.enabled=true"]),
+        (false, true),
+        "on without the API"
+    );
+    let pm = template(&[api, "--show-only", "templates/monitoring.yaml"]).unwrap();
+    assert!(
+        pm.contains("targetLabel: node"),
+        "node series carry the node: {pm}"
+    );
+}
+
+/// A value the chart does not know, or of the wrong type, is refused at install with the key
+/// named, instead of being silently ignored.
+#[test]
+fn a_typo_in_values_is_refused_with_the_key_named() {
+    for (set, want) in [
+        ("node.uplnk=eth0", "uplnk"),
+        ("operatr.replicas=1", "operatr"),
+        ("node.ipDetection=dhcp", "ipDetection"),
+        ("monitoring.podMonitor.enabled=maybe", "enabled"),
+        ("cluster.podCIDRs[0]=10.244.0.0", "podCIDRs"),
+    ] {
+        let Err(err) = template(&["--set", set]) else {
+            panic!("--set {set} was accepted");
+        };
+        assert!(err.contains(want), "--set {set}: {err}");
+    }
+    // Everything values.yaml documents passes its own schema, and so does the e2e suite's file.
+    template(&[
+        "-f",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/values-e2e.yaml"),
+    ])
+    .expect("e2e/values-e2e.yaml fits the schema");
+    template(&[
+        "--set",
+        "cluster.podCIDRs[0]=10.244.0.0/16",
+        "--set",
+        "cluster.serviceCIDRs[0]=fd00:10:96::/112",
+    ])
+    .expect("valid CIDRs");
+}
+
+/// The Grafana dashboard ships as a ConfigMap the sidecar loads (label `grafana_dashboard`),
+/// holds valid dashboard JSON, and queries only `portslice_*` series. That each is one the
+/// binaries export is checked against their real /metrics by the e2e suite.
+#[test]
+fn the_dashboard_ships_as_valid_json_for_the_grafana_sidecar() {
+    let out = template(&["--show-only", "templates/monitoring.yaml"]).expect("renders");
+    let cm: serde_yaml::Value = serde_yaml::from_str(&out).expect("one YAML document");
+    assert_eq!(cm["kind"], "ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json = cm["data"]["portslice.json"].as_str().expect("dashboard");
+    let names = portslice_e2e::metrics::dashboard_metrics(json).expect("a dashboard");
+    for want in [
+        "portslice_pool_used_ports",
+        "portslice_pool_free_ports",
+        "portslice_allocations_total",
+        "portslice_reconcile_errors_total",
+        "portslice_slice_rx_packets_total",
+        "portslice_slice_tx_bytes_total",
+        "portslice_slice_drops_total",
+    ] {
+        assert!(
+            names.contains(want),
+            "the dashboard shows {want}: {names:?}"
+        );
+    }
+    let off = template(&["--set", "monitoring.dashboard.enabled=false"]).unwrap();
+    assert!(!off.contains("grafana_dashboard"));
+}

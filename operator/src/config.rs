@@ -132,6 +132,11 @@ pub struct Options {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allocation_events: Option<bool>,
+    /// Publish every allocated slice as a ConfigMap (`envFrom`), a headless Service and an
+    /// EndpointSlice (DNS A and SRV records). On by default.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish: Option<bool>,
 }
 
 impl Options {
@@ -179,6 +184,7 @@ pub struct Config {
     pub concurrency: u16,
     pub log_format: LogFormat,
     pub allocation_events: bool,
+    pub publish: bool,
 }
 
 /// Facts from the environment, passed in so that resolution stays pure and testable.
@@ -297,6 +303,7 @@ impl Config {
             concurrency: o.concurrency.unwrap_or(32).max(1),
             log_format: o.log_format.unwrap_or_default(),
             allocation_events: o.allocation_events.unwrap_or(false),
+            publish: o.publish.unwrap_or(true),
         })
     }
 }

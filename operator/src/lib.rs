@@ -15,6 +15,7 @@ pub mod controller;
 pub mod leader;
 pub mod metrics;
 pub mod policy;
+pub mod publish;
 pub mod server;
 pub mod telemetry;
 

@@ -10,10 +10,16 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::allocator::PoolStats;
+use portslice_crds::conditions;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishLabels {
+    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,6 +40,7 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub overlaps_detected: Counter,
     pub leader: Gauge,
+    pub publish_writes: Family<PublishLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -58,8 +65,14 @@ impl Metrics {
             reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             overlaps_detected: Counter::default(),
             leader: Gauge::default(),
+            publish_writes: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "publish_writes",
+            "Writes of slices' ConfigMaps, Services and EndpointSlices, by kind",
+            m.publish_writes.clone(),
+        );
         registry.register(
             "pool_size_ports",
             "Ports in the allocation pool",
@@ -111,6 +124,18 @@ impl Metrics {
             "1 while this replica holds the leader Lease",
             m.leader.clone(),
         );
+        // Every series a dashboard or alert asks for exists from the start, at zero: an absent
+        // series reads as "no data" rather than "none", and rate() misses the first increment.
+        for reason in [
+            conditions::REASON_POOL_EXHAUSTED,
+            conditions::REASON_CONFLICT,
+            conditions::REASON_QUOTA_EXCEEDED,
+        ] {
+            let _ = m.waiting.get_or_create(&OutcomeLabels { reason });
+        }
+        for error in ["conflict", "write_status", "publish", "fenced"] {
+            let _ = m.reconcile_errors.get_or_create(&ErrorLabels { error });
+        }
         Self { registry, ..m }
     }
 
@@ -155,6 +180,8 @@ mod tests {
         m.observe_reconcile(Duration::from_millis(3));
         let text = m.encode().unwrap();
         for needle in [
+            "portslice_waiting_total{reason=\"PoolExhausted\"} 0",
+            "portslice_reconcile_errors_total{error=\"publish\"} 0",
             "portslice_pool_size_ports 100",
             "portslice_pool_used_ports 30",
             "portslice_pool_free_ports 70",

@@ -3,6 +3,8 @@
 mod common;
 #[path = "operator/policy.rs"]
 mod policy;
+#[path = "operator/publish.rs"]
+mod publish;
 
 use std::time::{Duration, Instant};
 

@@ -58,13 +58,21 @@ touching the NodePort range). e2e/tests/chart.rs keeps the two in agreement. */}
 - name: PORTSLICE_LOG
   value: {{ .Values.logLevel | quote }}
 - name: PORTSLICE_UPLINK
-  value: {{ required "node.uplink is required" .Values.node.uplink | quote }}
+  value: {{ .Values.node.uplink | default "auto" | quote }}
+{{- /* The node addresses slice pods share: every family the kubelet reports (status.hostIPs is
+"IPv4,IPv6" on a dual-stack node, one address on a single-stack one), or the fixed list. The
+primary one (status.hostIP) is where the daemon's own server listens. */}}
 - name: PORTSLICE_NODE_IP
 {{- if eq .Values.node.ipDetection "hostIP" }}
+  valueFrom:
+    fieldRef: {fieldPath: status.hostIPs}
+- name: PORTSLICE_HOST_IP
   valueFrom:
     fieldRef: {fieldPath: status.hostIP}
 {{- else if eq .Values.node.ipDetection "fixed" }}
   value: {{ required "node.ip is required when node.ipDetection is fixed" .Values.node.ip | quote }}
+- name: PORTSLICE_HOST_IP
+  value: {{ splitList "," .Values.node.ip | first | trim | quote }}
 {{- else }}
 {{- fail "node.ipDetection must be hostIP or fixed" }}
 {{- end }}
@@ -82,11 +90,19 @@ touching the NodePort range). e2e/tests/chart.rs keeps the two in agreement. */}
 {{- /* The daemon's metrics and health server: on the node address by default (the kubelet probes
 it there, Prometheus scrapes it there), never 0.0.0.0. */}}
 - name: PORTSLICE_METRICS_ADDR
-  value: {{ printf "%s:%v" (.Values.node.metricsHost | default "$(PORTSLICE_NODE_IP)") .Values.node.metricsPort | quote }}
+  value: {{ include "portslice.metricsAddr" . | quote }}
 - name: PORTSLICE_STATE_DIR
   value: /run/portslice
-- name: PORTSLICE_CLUSTER_CIDRS
-  value: {{ concat .Values.cluster.podCIDRs .Values.cluster.serviceCIDRs | join "," | quote }}
+- name: PORTSLICE_TCPMUX
+  value: {{ .Values.node.tcpmux.enabled | quote }}
+{{- with .Values.cluster.podCIDRs }}
+- name: PORTSLICE_POD_CIDRS
+  value: {{ join "," . | quote }}
+{{- end }}
+{{- with .Values.cluster.serviceCIDRs }}
+- name: PORTSLICE_SERVICE_CIDRS
+  value: {{ join "," . | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* Flags shared by the node daemon and its uninstall Job. The CNI dirs are mounted at their
@@ -121,5 +137,21 @@ crds/ports/src/critical.rs (NodeCritical::new): never held by a slice. */}}
 {{- define "portslice.criticalPorts" -}}
 {{- $np := splitList "-" (toString .Values.cluster.nodePortRange) -}}
 {{- $ports := list (list 22 22 "sshd") (list 2379 2380 "etcd") (list (int .Values.cluster.apiServerPort) (int .Values.cluster.apiServerPort) "the Kubernetes API server") (list 10249 10249 "kube-proxy's metrics") (list 10250 10250 "the kubelet") (list 10255 10255 "the kubelet's read-only port") (list 10256 10256 "kube-proxy's health check") (list (int (first $np)) (int (last $np)) "the NodePort range (kube-proxy)") (list (int .Values.node.metricsPort) (int .Values.node.metricsPort) "the PortSlice node daemon") -}}
+{{- if .Values.node.tcpmux.enabled }}{{- $ports = append $ports (list 1 1 "TCPMUX (the PortSlice node daemon)") }}{{- end }}
 {{- toJson $ports -}}
+{{- end -}}
+
+{{/* The node daemon's own ports, for the operator's and the plugin's node-critical list. */}}
+{{- define "portslice.daemonPorts" -}}
+{{- .Values.node.metricsPort }}{{ if .Values.node.tcpmux.enabled }},1{{ end }}
+{{- end -}}
+
+{{/* host:port of the node daemon's metrics server: IPv6 hosts in brackets. */}}
+{{- define "portslice.metricsAddr" -}}
+{{- $host := .Values.node.metricsHost | default "$(PORTSLICE_HOST_IP)" -}}
+{{- if and (contains ":" $host) (not (hasPrefix "[" $host)) -}}
+[{{ $host }}]:{{ .Values.node.metricsPort }}
+{{- else -}}
+{{ $host }}:{{ .Values.node.metricsPort }}
+{{- end -}}
 {{- end -}}

@@ -3,12 +3,19 @@
  * The one definition of every map key/value PortSlice's eBPF programs share with user space.
  * Mirrored field for field by src/abi.rs; a test there checks sizes and offsets agree.
  * All structs are naturally aligned with explicit padding so C and Rust lay them out the same.
- * IPv4 addresses are in network byte order; ports and ICMP ids in the port table are host order.
+ * Addresses are in network byte order; ports and ICMP ids in the port table are host order. Where
+ * a field holds an address of either family it is 16 bytes, an IPv4 address in the first 4 (the
+ * rest zero), as in "src_allow".
  *
  * PS_ABI_VERSION names this layout. Maps and programs are pinned under <pin root>/v<version>/, so
  * a daemon meeting pins of another layout knows it (and migrates layout 1, which was pinned
- * directly under <pin root>/maps and /progs; see src/migrate.rs). Any change to a struct, a map's
- * type or size, or the meaning of a field or flag bumps the version.
+ * directly under <pin root>/maps and /progs; see src/migrate.rs). Any change to a map that holds
+ * the pods' attachments (pods, pod_meta, port_owner, pod_stats, src_allow: their struct, type or
+ * size, or the meaning of a field or flag) bumps the version. A map the daemon rewrites at start
+ * or whose entries live seconds (the node config, fragment verdicts, echo slots) may instead
+ * change under a new name: the build stays in its layout, an upgrade is a restart, and the old
+ * name's pin is removed once the links run the new programs (src/abi.rs, map::RETIRED). So the
+ * dual-stack build renamed config, frags and echo_ids of the release before it.
  */
 #ifndef PORTSLICE_ABI_H
 #define PORTSLICE_ABI_H
@@ -28,7 +35,7 @@
 #define PS_SLICE_KEY_LEN 256
 
 /*
- * Fragment state is bounded per pod, never shared (see "frags" below): at most PS_FRAG_QUOTA
+ * Fragment state is bounded per pod, never shared (see "frag_verdicts" below): at most PS_FRAG_QUOTA
  * datagrams in flight per owning pod. The map holds twice the quota of every pod it can hold: a
  * (re)attach zeroes a pod's count while its old entries may still live (at most one quota more),
  * so the map cannot fill while every pod stays within its share, and nothing is ever evicted.
@@ -39,9 +46,12 @@
 /* An incomplete datagram's entry expires after this (lost fragments never complete it). */
 #define PS_FRAG_TIMEOUT_NS (2ULL * 1000 * 1000 * 1000)
 
-/* Echo ids: one slot per possible id, 0-65535. A slice pod's ids are rewritten into its own range,
- * so a pod writes only slots of its own range. */
-#define PS_ECHO_SLOTS 65536
+/* Echo ids: one slot per family and possible id, key = family * 65536 + id (PS_ECHO_V4: ICMP,
+ * PS_ECHO_V6: ICMPv6). A slice pod's ids are rewritten into its own range, so a pod writes only
+ * slots of its own range, and its pings of one family never take the other's replies. */
+#define PS_ECHO_V4 0
+#define PS_ECHO_V6 1
+#define PS_ECHO_SLOTS (2 * 65536)
 /* An echo slot steers replies for this long after the pod's last request, in units of 2^30 ns
  * (about 1.07 s): long enough for any reply, short enough that a stale slot does not keep taking
  * the host's own replies with that id. */
@@ -76,12 +86,20 @@
 #define PS_G_DROP_ICMP 8       /* ICMP errors from a slice pod about a flow not its own */
 #define PS_G_DROP_SOURCE 9     /* packets to a slice's ports from a source outside its list */
 #define PS_G_FRAG_UNTRACKED 10 /* first fragments not recorded: owner's quota full, or a clash */
+#define PS_G_V6_CHAIN_LONG 11  /* IPv6 to/from a node address with more extension headers than
+				* the programs walk (PS_MAX_EXT_HEADERS): to the host, or dropped */
 #define PS_G_MAX 16            /* room for new counters without changing the map's shape */
 
-/* Map "config", ARRAY[1]. Written once by the daemon. */
+/* IPv6 extension headers (hop-by-hop, routing, destination options, fragment) walked before the
+ * transport header. Real traffic carries one or two; a longer chain is not steered. */
+#define PS_MAX_EXT_HEADERS 6
+
+/* Map "node_config", ARRAY[1]. Written once by the daemon. A family whose address is zero passes
+ * untouched: the node shares no address of that family. */
 struct ps_node_config {
-	__u32 node_ip;        /* network order; 0 = datapath disabled */
+	__u32 node_ip;        /* IPv4, network order; 0 = no IPv4 node address */
 	__u32 uplink_ifindex; /* informational */
+	__u8 node_ip6[16];    /* IPv6; all zero = no IPv6 node address */
 };
 
 /* Map "port_owner", ARRAY[PS_PORT_TABLE_SIZE]. host_ifindex 0 = port not in any slice. */
@@ -93,7 +111,8 @@ struct ps_port_owner {
 /* Map "pods", HASH keyed by __u32 host veth ifindex. */
 struct ps_pod_info {
 	__u32 flags;   /* PS_F_PEER, PS_F_SLICE */
-	__u32 pod_ip;  /* private address from the primary CNI, network order */
+	__u32 pod_ip;  /* private IPv4 address from the primary CNI, network order; 0 for an IPv6-only
+			* pod (informational: the programs never read it) */
 	__u16 port_lo; /* slice range, host order, inclusive */
 	__u16 port_hi;
 	__u8 protocols; /* PS_P_* */
@@ -113,19 +132,22 @@ struct ps_pod_stats {
 	__s64 frag_live;       /* fragment entries the pod owns now: the quota's count, a gauge */
 };
 
-/* Map "frags", HASH[PS_FRAG_ENTRIES] (no LRU: nothing is evicted, see PS_FRAG_QUOTA): the first
+/* Map "frag_verdicts", HASH[PS_FRAG_ENTRIES] (no LRU: nothing is evicted, see PS_FRAG_QUOTA): the first
  * fragment's verdict, for the fragments that carry no ports. Entries leave when their datagram is
  * complete (seen == total) or when their timer fires. Each entry belongs to one pod and counts
- * against that pod's quota: the destination pod for dir 0 and 2, the sending pod for dir 1. */
+ * against that pod's quota: the destination pod for dir 0 and 2, the sending pod for dir 1. IPv4
+ * and IPv6 datagrams share the map and the quota. */
 #define PS_FRAG_TO_POD 0  /* from the uplink or lo; src = the remote (or node) address */
 #define PS_FRAG_FROM_POD 1 /* a pod's own datagram; src = the sending pod's host ifindex */
 #define PS_FRAG_HAIRPIN 2 /* pod to pod on the node address; src = the sending pod's ifindex */
 struct ps_frag_key {
-	__u32 src;   /* the remote's address (network order), or a host ifindex: see dir */
-	__u32 daddr; /* network order */
-	__u16 ip_id;
-	__u8 proto;
-	__u8 dir; /* PS_FRAG_* */
+	__u8 src[16];   /* the sender's address, or a host ifindex (host order, first 4 bytes): see dir */
+	__u8 daddr[16];
+	__u32 id;       /* IPv4: the IP id (16 bits); IPv6: the Fragment header's id; network order */
+	__u8 proto;     /* IPv4: the protocol; IPv6: the Fragment header's next header */
+	__u8 dir;       /* PS_FRAG_* */
+	__u8 family;    /* 4 or 6 */
+	__u8 _pad;
 };
 struct ps_frag_val {
 	__u32 host_ifindex; /* the owner */
@@ -135,20 +157,21 @@ struct ps_frag_val {
 	struct bpf_timer timer;
 };
 
-/* Map "echo_ids", ARRAY[PS_ECHO_SLOTS] keyed by the rewritten echo id (host order). */
+/* Map "echo_slots", ARRAY[PS_ECHO_SLOTS] keyed by family * 65536 + the rewritten echo id (host
+ * order). */
 struct ps_echo_slot {
 	__u32 host_ifindex; /* 0 = never used */
 	__u32 flags;
 	__u16 orig_id; /* the id the pod chose, network order */
 	__u16 _pad;
 	__u32 stamp; /* bpf_ktime_get_ns() >> 30 of the pod's last request */
-	__u32 remote; /* the request's destination: only its replies (and errors about it) steer */
+	__u8 remote[16]; /* the request's destination: only its replies (and errors about it) steer */
 };
 
 /* Map "src_allow", LPM_TRIE[PS_SRC_ENTRIES]: the allowed sources of slice pods. A pod's CIDR
  * addr/n is {prefixlen = 64 + n, pod, family, addr}: the pod id and the family are always matched
  * whole, so one trie serves every pod and both address families, and an IPv6 entry (even ::/0)
- * can never match an IPv4 source. The programs look up IPv4 today (dual stack is later work). */
+ * can never match an IPv4 source. */
 #define PS_SRC_FAMILY_V4 4
 #define PS_SRC_FAMILY_V6 6
 #define PS_SRC_KEY_BITS (8 * (4 + 4 + 16))
@@ -169,7 +192,7 @@ struct ps_meta_key {
 };
 struct ps_pod_meta {
 	__u32 host_ifindex;
-	__u32 pod_ip;  /* network order */
+	__u32 pod_ip;  /* network order; 0 for an IPv6-only pod */
 	__u16 port_lo;
 	__u16 port_hi;
 	__u8 protocols;

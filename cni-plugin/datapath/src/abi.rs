@@ -18,7 +18,10 @@ pub const SLICE_KEY_LEN: usize = 256;
 pub const FRAG_QUOTA: u32 = 64;
 pub const FRAG_ENTRIES: u32 = 2 * FRAG_QUOTA * MAX_PODS;
 pub const FRAG_TIMEOUT_NS: u64 = 2_000_000_000;
-pub const ECHO_SLOTS: u32 = 65536;
+/// `echo_ids` key of an ICMP (IPv4) echo id: `ECHO_V4 * 65536 + id`; ICMPv6 ids use `ECHO_V6`.
+pub const ECHO_V4: u32 = 0;
+pub const ECHO_V6: u32 = 1;
+pub const ECHO_SLOTS: u32 = 2 * 65536;
 pub const ECHO_TTL_UNITS: u32 = 30;
 /// CIDRs in one slice pod's allowed-source list.
 pub const MAX_SOURCES_PER_POD: usize = 128;
@@ -45,8 +48,11 @@ pub const FRAG_FROM_POD: u8 = 1;
 /// Pod to pod on the node address (`src` = the sending pod's host ifindex).
 pub const FRAG_HAIRPIN: u8 = 2;
 
+/// IPv6 extension headers the programs walk before the transport header.
+pub const MAX_EXT_HEADERS: u32 = 6;
+
 /// Indexes of the `global_stats` array, with the names metrics export them under.
-pub const GLOBAL_STATS: [(u32, &str); 10] = [
+pub const GLOBAL_STATS: [(u32, &str); 11] = [
     (1, "steered"),
     (2, "passed_to_host"),
     (3, "forwarded"),
@@ -57,20 +63,26 @@ pub const GLOBAL_STATS: [(u32, &str); 10] = [
     (8, "drop_icmp_error"),
     (9, "drop_source"),
     (10, "fragment_untracked"),
+    (11, "ipv6_chain_too_long"),
 ];
 pub const G_MAX: u32 = 16;
 
 /// Map names, as in the C object and as pinned under `<pin root>/v<version>/maps/`.
 pub mod map {
-    pub const CONFIG: &str = "config";
+    pub const CONFIG: &str = "node_config";
     pub const PORT_OWNER: &str = "port_owner";
     pub const PODS: &str = "pods";
     pub const POD_STATS: &str = "pod_stats";
     pub const GLOBAL_STATS: &str = "global_stats";
-    pub const FRAGS: &str = "frags";
-    pub const ECHO_IDS: &str = "echo_ids";
+    pub const FRAGS: &str = "frag_verdicts";
+    pub const ECHO_IDS: &str = "echo_slots";
     pub const SRC_ALLOW: &str = "src_allow";
     pub const POD_META: &str = "pod_meta";
+
+    /// Pins of this layout from earlier builds whose maps changed shape under a new name (the
+    /// release before dual stack: its IPv4-only config, fragment keys and echo slots). Nothing
+    /// of a pod lives in them; the loader removes them once the links run this build.
+    pub const RETIRED: &[&str] = &["config", "frags", "echo_ids"];
 }
 
 /// Program names, as in the C object and as pinned under `<pin root>/v<version>/progs/`.
@@ -191,9 +203,11 @@ pub const MAP_SHAPES: [MapShape; 9] = {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeConfig {
-    /// Network byte order; 0 disables the datapath.
+    /// The IPv4 node address, network byte order; 0: none (IPv4 passes untouched).
     pub node_ip: u32,
     pub uplink_ifindex: u32,
+    /// The IPv6 node address; all zero: none (IPv6 passes untouched).
+    pub node_ip6: [u8; 16],
 }
 
 #[repr(C)]
@@ -235,12 +249,18 @@ pub struct PodStats {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FragKey {
-    /// The sender's address (network order) for [`FRAG_TO_POD`], else the sending pod's ifindex.
-    pub src: u32,
-    pub daddr: u32,
-    pub ip_id: u16,
+    /// The sender's address for [`FRAG_TO_POD`] (IPv4 in the first 4 bytes), else the sending
+    /// pod's ifindex (host order, first 4 bytes).
+    pub src: [u8; 16],
+    pub daddr: [u8; 16],
+    /// IPv4 IP id or IPv6 Fragment id, network order.
+    pub id: u32,
+    /// IPv4 protocol, or the IPv6 Fragment header's next header.
     pub proto: u8,
     pub dir: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u8,
 }
 
 #[repr(C)]
@@ -265,8 +285,8 @@ pub struct EchoSlot {
     pub orig_id: u16,
     pub _pad: u16,
     pub stamp: u32,
-    /// The request's destination (network order): only its replies steer to the pod.
-    pub remote: u32,
+    /// The request's destination (IPv4 in the first 4 bytes): only its replies steer to the pod.
+    pub remote: [u8; 16],
 }
 
 /// The data part of a `src_allow` key (aya's `lpm_trie::Key` adds the prefix length before it).
@@ -315,11 +335,22 @@ pub struct PodMeta {
 }
 
 /// Layout 1 (the first release), as far as reading its pins for the migration needs it: its
-/// `config`, `port_owner`, `pods` and `pod_meta` have the shapes of layout 2; its `pod_stats`
-/// is shorter; its `frags` and `echo_ids` (LRU hashes) hold only in-flight state and are not
-/// carried over.
+/// `port_owner`, `pods` and `pod_meta` have the shapes of layout 2; its `pod_stats` is shorter;
+/// its `config` (IPv4 only) is written anew by the loader; its `frags` and `echo_ids` (LRU hashes)
+/// hold only in-flight state and are not carried over.
 pub mod v1 {
     pub const ABI_VERSION: u32 = 1;
+
+    /// Layout 1's `config`: IPv4 only.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct NodeConfig {
+        pub node_ip: u32,
+        pub uplink_ifindex: u32,
+    }
+
+    // SAFETY: #[repr(C)] u32 fields only, no padding.
+    unsafe impl aya::Pod for NodeConfig {}
 
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -382,15 +413,16 @@ mod tests {
     /// by `c_header_layout_matches` below; written out here so a reader sees the ABI at a glance.
     #[test]
     fn layout_is_the_documented_one() {
-        assert_eq!(size_of::<NodeConfig>(), 8);
+        assert_eq!(size_of::<NodeConfig>(), 24);
         assert_eq!(size_of::<PortOwner>(), 8);
         assert_eq!(size_of::<PodInfo>(), 16);
         assert_eq!(offset_of!(PodInfo, protocols), 12);
         assert_eq!(size_of::<PodStats>(), 72);
         assert_eq!(size_of::<v1::PodStats>(), 48);
-        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<v1::NodeConfig>(), 8);
+        assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<FragVal>(), 32);
-        assert_eq!(size_of::<EchoSlot>(), 20);
+        assert_eq!(size_of::<EchoSlot>(), 32);
         assert_eq!(size_of::<SrcKey>(), 28);
         assert_eq!(size_of::<SrcVal>(), 4);
         assert_eq!(size_of::<MetaKey>(), 128);
@@ -412,6 +444,10 @@ mod tests {
             (
                 "offsetof(struct ps_node_config, uplink_ifindex)",
                 offset_of!(NodeConfig, uplink_ifindex),
+            ),
+            (
+                "offsetof(struct ps_node_config, node_ip6)",
+                offset_of!(NodeConfig, node_ip6),
             ),
             ("sizeof(struct ps_port_owner)", size_of::<PortOwner>()),
             (
@@ -457,10 +493,7 @@ mod tests {
                 "offsetof(struct ps_frag_key, daddr)",
                 offset_of!(FragKey, daddr),
             ),
-            (
-                "offsetof(struct ps_frag_key, ip_id)",
-                offset_of!(FragKey, ip_id),
-            ),
+            ("offsetof(struct ps_frag_key, id)", offset_of!(FragKey, id)),
             (
                 "offsetof(struct ps_frag_key, proto)",
                 offset_of!(FragKey, proto),
@@ -468,6 +501,10 @@ mod tests {
             (
                 "offsetof(struct ps_frag_key, dir)",
                 offset_of!(FragKey, dir),
+            ),
+            (
+                "offsetof(struct ps_frag_key, family)",
+                offset_of!(FragKey, family),
             ),
             ("sizeof(struct ps_frag_val)", size_of::<FragVal>()),
             (
@@ -494,6 +531,10 @@ mod tests {
             (
                 "offsetof(struct ps_echo_slot, stamp)",
                 offset_of!(EchoSlot, stamp),
+            ),
+            (
+                "offsetof(struct ps_echo_slot, remote)",
+                offset_of!(EchoSlot, remote),
             ),
             ("sizeof(struct ps_src_key)", size_of::<SrcKey>()),
             (
@@ -531,6 +572,9 @@ mod tests {
             ("PS_FRAG_ENTRIES", FRAG_ENTRIES as usize),
             ("PS_FRAG_TIMEOUT_NS", FRAG_TIMEOUT_NS as usize),
             ("PS_ECHO_SLOTS", ECHO_SLOTS as usize),
+            ("PS_ECHO_V4", ECHO_V4 as usize),
+            ("PS_ECHO_V6", ECHO_V6 as usize),
+            ("PS_MAX_EXT_HEADERS", MAX_EXT_HEADERS as usize),
             ("PS_ECHO_TTL_UNITS", ECHO_TTL_UNITS as usize),
             ("PS_MAX_SOURCES_PER_POD", MAX_SOURCES_PER_POD),
             ("PS_SRC_ENTRIES", SRC_ENTRIES as usize),
@@ -559,6 +603,7 @@ mod tests {
             ("PS_G_DROP_ICMP", "drop_icmp_error"),
             ("PS_G_DROP_SOURCE", "drop_source"),
             ("PS_G_FRAG_UNTRACKED", "fragment_untracked"),
+            ("PS_G_V6_CHAIN_LONG", "ipv6_chain_too_long"),
         ];
         let mut checks = checks;
         for (c, name) in names {

@@ -33,10 +33,13 @@
 //! The caller must be in the node's network namespace (the interface is named by ifindex and its
 //! sysctls are written under /proc/sys/net, both per-netns). `attach_pod` also sets, on the host
 //! veth, `accept_local=1` and `rp_filter=0`: packets from a slice pod carry the node address as
-//! source, which the host would otherwise drop as martian.
+//! source, which the host would otherwise drop as martian (IPv4; IPv6 has no such check).
 //!
-//! What the CNI plugin still owns: inside the pod, the node address /32, routes, policy rules and
-//! `ip_local_port_range`; the datapath never enters the pod's netns.
+//! The port table is family-independent: a slice owns its ports on every node address (IPv4 and
+//! IPv6, as the daemon's `config` names them), so nothing here depends on the pod's families.
+//!
+//! What the CNI plugin still owns: inside the pod, the node addresses (/32, /128), routes, policy
+//! rules and `ip_local_port_range`; the datapath never enters the pod's netns.
 #![deny(rust_2018_idioms)]
 
 pub mod abi;
@@ -143,7 +146,9 @@ pub struct PodAttachment {
     pub container_id: String,
     /// Index of the pod's veth end in the node netns.
     pub host_veth_ifindex: u32,
-    /// The primary CNI's address of the pod (its traffic is never touched).
+    /// The primary CNI's IPv4 address of the pod (its traffic is never touched); `0.0.0.0` for
+    /// an IPv6-only pod. Informational: recorded for the operator's eyes, never read by the
+    /// programs, which steer by port on the node addresses whatever the pod's own addresses.
     pub pod_private_ip: Ipv4Addr,
     /// `None`: a pod without a slice. It gets only the steering that lets it reach slice pods on
     /// the node address (matrix row 4); its traffic otherwise passes untouched.

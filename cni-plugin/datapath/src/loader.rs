@@ -11,10 +11,7 @@
 //! - A newer layout: refused (a downgrade needs an uninstall).
 //!
 //! Nothing is detached on exit.
-use std::{
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use aya::{
     EbpfLoader,
@@ -22,7 +19,7 @@ use aya::{
     programs::{SchedClassifier, links::PinnedLink},
 };
 
-use portslice_netns::iface;
+use portslice_netns::{NodeAddrs, iface};
 
 use super::{AttachMode, BPF_OBJECT, DatapathError, PinnedDatapath, abi, layout, map_err, migrate};
 
@@ -48,7 +45,9 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> DatapathError {
 #[derive(Clone, Debug)]
 pub struct NodeSetup {
     pub pin_root: PathBuf,
-    pub node_ip: Ipv4Addr,
+    /// The node addresses slice pods share (IPv4, IPv6 or both); a family without one passes
+    /// untouched.
+    pub node: NodeAddrs,
     pub uplink: String,
     /// Also steer the host's own packets (lo ingress, matrix row 5).
     pub attach_lo: bool,
@@ -132,10 +131,7 @@ pub fn load_and_pin(setup: &NodeSetup) -> Result<AttachMode, DatapathError> {
             .ok_or_else(|| DatapathError::Load("object has no config map".into()))?;
         let mut config: Array<_, abi::NodeConfig> =
             Array::try_from(map).map_err(map_err(abi::map::CONFIG))?;
-        let cfg = abi::NodeConfig {
-            node_ip: u32::from_ne_bytes(setup.node_ip.octets()),
-            uplink_ifindex,
-        };
+        let cfg = node_config(&setup.node, uplink_ifindex);
         config.set(0, cfg, 0).map_err(map_err(abi::map::CONFIG))?;
     }
 
@@ -192,6 +188,17 @@ pub fn load_and_pin(setup: &NodeSetup) -> Result<AttachMode, DatapathError> {
     }
     // Running pods get the new egress program too (it may carry fixes), not only new pods.
     let pods = dp.repoint_pods()?;
+    // Every link runs this build now: pins of maps it renamed are garbage.
+    for name in abi::map::RETIRED {
+        let pin = layout::map_pin(root, name);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => tracing::info!(map = name, "retired map of an earlier build removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(pin = %pin.display(), error = %e, "could not remove a retired map's pin")
+            }
+        }
+    }
     if let Some(v1) = legacy {
         migrate::unpin_v1(root)?;
         // A CNI process of the old build that opened layout 1 before the pins went may have
@@ -201,8 +208,17 @@ pub fn load_and_pin(setup: &NodeSetup) -> Result<AttachMode, DatapathError> {
         }
         tracing::info!("datapath layout 1 removed");
     }
-    tracing::info!(pin_root = %root.display(), uplink = %setup.uplink, node_ip = %setup.node_ip, ?mode, pods, layout = abi::ABI_VERSION, "datapath loaded and pinned");
+    tracing::info!(pin_root = %root.display(), uplink = %setup.uplink, node_ip = %setup.node, ?mode, pods, layout = abi::ABI_VERSION, "datapath loaded and pinned");
     Ok(mode)
+}
+
+/// The `config` map's entry for the node addresses `node`.
+pub fn node_config(node: &NodeAddrs, uplink_ifindex: u32) -> abi::NodeConfig {
+    abi::NodeConfig {
+        node_ip: node.v4.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+        uplink_ifindex,
+        node_ip6: node.v6.map_or([0; 16], |ip| ip.octets()),
+    }
 }
 
 /// Removes a directory of pins and everything under it; absent is fine.
@@ -331,4 +347,22 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_holds_each_family_the_node_has_and_zero_for_the_other() {
+        let v4 = NodeAddrs::v4("198.18.0.1".parse().unwrap());
+        let c = node_config(&v4, 3);
+        assert_eq!(c.node_ip.to_ne_bytes(), [198, 18, 0, 1]);
+        assert_eq!((c.node_ip6, c.uplink_ifindex), ([0; 16], 3));
+        let v6 = NodeAddrs::new(["2001:2::1".parse().unwrap()]).unwrap();
+        let c = node_config(&v6, 3);
+        assert_eq!(c.node_ip, 0);
+        assert_eq!(c.node_ip6[..4], [0x20, 0x01, 0, 2]);
+        assert_eq!(c.node_ip6[15], 1);
+    }
 }

@@ -12,8 +12,7 @@ use super::abi;
 
 /// One entry of a slice pod's allowed-source list: `10.0.0.0/8`, `203.0.113.7/32`, `fd00::/8`.
 /// Host bits are cleared on construction, so two lists compare equal when they mean the same.
-/// IPv6 entries are stored (the trie key has room for them) but match no IPv4 packet: the
-/// programs filter IPv4 today.
+/// An entry of one family never matches a source of the other: the family is part of the key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceCidr {
     addr: IpAddr,

@@ -6,6 +6,7 @@
 //!   files opened there belong to that netns.
 //! - [`sysctl`]: per-netns sysctls, addressed by path (interface names may contain dots).
 //! - [`iface`]: interface names and indexes.
+//! - [`node_addr`]: the node's shared addresses, one per family; [`cidr`]: prefixes of both.
 //! - [`listeners`]: the ports this netns listens on (the node's host listeners).
 //! - [`netlink`]: a synchronous rtnetlink client with typed operations on links, addresses,
 //!   routes and rules; the only place that builds or reads netlink messages.
@@ -17,12 +18,14 @@ pub mod cidr;
 pub mod iface;
 pub mod listeners;
 pub mod netlink;
+pub mod node_addr;
 pub mod plan;
 pub mod sysctl;
 pub mod thread;
 pub mod wiring;
 
-pub use cidr::{CidrError, Ipv4Cidr};
+pub use cidr::{CidrError, Family, IpCidr, Ipv4Cidr, Ipv6Cidr};
+pub use node_addr::{NodeAddrError, NodeAddrs};
 
 /// Errors from netns work; each says what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +55,8 @@ pub enum NetnsError {
     },
     #[error("interface {0:?} not found")]
     NoInterface(String),
-    #[error("the pod's network namespace has no default route and prevResult names no gateway")]
-    NoGateway,
+    #[error("the pod's network namespace has no {} default route and prevResult names no {} gateway", .0.name(), .0.name())]
+    NoGateway(Family),
     /// CHECK: what is missing or different.
     #[error("wiring check failed: {}", .0.join("; "))]
     Check(Vec<String>),

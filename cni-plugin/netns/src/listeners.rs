@@ -6,6 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use portslice_ports::{PortRange, Protocol};
 
+use crate::NodeAddrs;
+
 /// A listening TCP socket or a bound UDP socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Listener {
@@ -15,14 +17,17 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Whether traffic to `node_ip` reaches it: bound to the wildcard or to the node address
-    /// (IPv4 or IPv4-mapped). A listener on another address (loopback, docker's embedded DNS on
-    /// 127.0.0.11, a second address) never sees what the datapath steers, which is only ever
-    /// traffic to the node address.
-    pub fn hears(&self, node_ip: Ipv4Addr) -> bool {
+    /// Whether traffic to one of the node addresses reaches it: bound to a node address, to
+    /// `0.0.0.0` when the node shares an IPv4 address, or to `::` (which hears IPv4 too unless
+    /// the socket is IPv6-only, which `/proc/net` does not show: counted as hearing both). A
+    /// listener on another address (loopback, docker's embedded DNS on 127.0.0.11, a second
+    /// address) never sees what the datapath steers, which is only ever traffic to the node
+    /// addresses.
+    pub fn hears(&self, node: &NodeAddrs) -> bool {
         match self.addr {
-            IpAddr::V4(a) => a.is_unspecified() || a == node_ip,
-            IpAddr::V6(a) => a.is_unspecified() || a.to_ipv4_mapped() == Some(node_ip),
+            IpAddr::V4(a) if a.is_unspecified() => node.v4.is_some(),
+            IpAddr::V6(a) if a.is_unspecified() => true,
+            a => node.contains(a),
         }
     }
 }
@@ -89,16 +94,16 @@ pub fn host_listeners() -> Vec<Listener> {
 }
 
 /// The listeners among `listeners` that a slice of `range` over `protocols` would take from the
-/// host on `node_ip`.
+/// host on the node addresses `node` (a slice owns its ports on every one of them).
 pub fn taken_by(
     listeners: &[Listener],
     range: &PortRange,
     protocols: &[Protocol],
-    node_ip: Ipv4Addr,
+    node: &NodeAddrs,
 ) -> Vec<Listener> {
     listeners
         .iter()
-        .filter(|l| range.contains(l.port) && protocols.contains(&l.protocol) && l.hears(node_ip))
+        .filter(|l| range.contains(l.port) && protocols.contains(&l.protocol) && l.hears(node))
         .copied()
         .collect()
 }
@@ -148,14 +153,28 @@ mod tests {
             start: 5060,
             end: 5061,
         };
+        let n = NodeAddrs::v4(N);
         assert_eq!(
-            taken_by(&listeners, &r, &[Protocol::UDP], N),
+            taken_by(&listeners, &r, &[Protocol::UDP], &n),
             vec![listeners[1], listeners[5]]
         );
         assert_eq!(
-            taken_by(&listeners, &r, &[Protocol::TCP], N),
+            taken_by(&listeners, &r, &[Protocol::TCP], &n),
             vec![listeners[2], listeners[4]]
         );
+        // A dual-stack node also loses its IPv6 listeners on the node's IPv6 address; an
+        // IPv6-only node keeps its IPv4 wildcard listeners (nothing steers IPv4 there).
+        let dual = NodeAddrs::new([IpAddr::V4(N), "2001:2::1".parse().unwrap()]).unwrap();
+        assert_eq!(
+            taken_by(&listeners, &r, &[Protocol::UDP], &dual),
+            vec![listeners[1], listeners[5], listeners[6]]
+        );
+        let v6 = NodeAddrs::new(["2001:2::1".parse().unwrap()]).unwrap();
+        assert_eq!(
+            taken_by(&listeners, &r, &[Protocol::UDP], &v6),
+            vec![listeners[5], listeners[6]]
+        );
+        assert!(taken_by(&listeners, &r, &[Protocol::TCP], &v6).is_empty());
     }
 
     #[test]

@@ -1,20 +1,21 @@
-//! Applying, checking and removing a slice pod's wiring ([`crate::plan::PodWiring`]). Every
-//! function here runs on the thread that entered the pod's netns (see [`crate::thread::in_netns`])
-//! and speaks to the kernel only through the typed operations of [`crate::netlink`].
+//! Applying, checking and removing a slice pod's wiring ([`crate::plan::PodWiring`]), for each
+//! address family it has. Every function here runs on the thread that entered the pod's netns
+//! (see [`crate::thread::in_netns`]) and speaks to the kernel only through the typed operations
+//! of [`crate::netlink`].
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
-use crate::NetnsError;
 use crate::netlink::address::Address;
 use crate::netlink::route::NewRoute;
 use crate::netlink::rule::{PROTO_KERNEL, Rule};
 use crate::netlink::{Nl, ignore_exists, ignore_missing, is_errno};
 use crate::plan::{
-    FIRST_RULE_PRIORITY, LOCAL_RULE_PRIORITY, PROTO_PORTSLICE, PodWiring, RuleSpec, TABLE_LOCAL,
-    TABLE_MAIN,
+    FIRST_RULE_PRIORITY, FamilyWiring, LOCAL_RULE_PRIORITY, PROTO_PORTSLICE, PodWiring, RuleSpec,
+    TABLE_LOCAL, TABLE_MAIN,
 };
 use crate::sysctl::{self, Key};
+use crate::{Family, NetnsError, NodeAddrs};
 
 /// What ADD learnt inside the pod, for the host side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,10 +53,29 @@ impl Applied {
     }
 }
 
-/// `arp_announce` of the pod interface: with two addresses on it, ARP requests must not name the
-/// node address as sender (see [`apply_steps`]).
+/// `arp_announce` of the pod interface: with two IPv4 addresses on it, ARP requests must not name
+/// the node address as sender (see [`apply_steps`]).
 fn arp_announce(ifname: &str) -> Key {
     Key::interface("ipv4", ifname, "arp_announce")
+}
+
+/// The sysctls ADD changes, which it saves first: the ephemeral range and the unprivileged
+/// start (one each, for both families), and `arp_announce` when the pod gets the IPv4 address.
+fn changed_sysctls(w: &PodWiring) -> Vec<Key> {
+    let mut keys = vec![Key::unprivileged_port_start(), Key::local_port_range()];
+    if w.ipv4.is_some() {
+        keys.push(arp_announce(&w.ifname));
+    }
+    keys
+}
+
+/// The node address on the pod interface: `/32` or `/128`.
+fn node_address(ifindex: u32, node_ip: IpAddr) -> Address {
+    Address {
+        ifindex,
+        ip: node_ip,
+        prefix: Family::of(node_ip).bits(),
+    }
 }
 
 /// Wires the pod. On failure, removes what it added and restores the sysctls before returning
@@ -64,14 +84,10 @@ fn arp_announce(ifname: &str) -> Key {
 pub fn apply(w: &PodWiring) -> Result<Applied, NetnsError> {
     let nl = Nl::new()?;
     let link = nl.link_by_name(&w.ifname)?;
-    let saved = [
-        Key::unprivileged_port_start(),
-        Key::local_port_range(),
-        arp_announce(&w.ifname),
-    ]
-    .into_iter()
-    .map(|k| sysctl::read(&k).map(|v| (k, v)))
-    .collect::<Result<Vec<_>, _>>()?;
+    let saved = changed_sysctls(w)
+        .into_iter()
+        .map(|k| sysctl::read(&k).map(|v| (k, v)))
+        .collect::<Result<Vec<_>, _>>()?;
     match apply_steps(&nl, w, link.index, &saved) {
         Ok(()) => Ok(Applied {
             link: PodLink {
@@ -106,7 +122,10 @@ pub fn undo(w: &PodWiring, applied: &Applied) -> Result<(), NetnsError> {
 }
 
 fn undo_with(nl: &Nl, w: &PodWiring, ifindex: u32, saved: &[(Key, String)]) -> Vec<String> {
-    let mut errors = cleanup(nl, w.node_ip, ifindex);
+    let mut errors = Vec::new();
+    for f in w.families() {
+        errors.extend(cleanup(nl, f.node_ip, ifindex));
+    }
     // Restore in reverse order: the port range first, as the kernel checks the unprivileged
     // start against it.
     for (key, value) in saved.iter().rev() {
@@ -117,9 +136,10 @@ fn undo_with(nl: &Nl, w: &PodWiring, ifindex: u32, saved: &[(Key, String)]) -> V
     errors
 }
 
-/// The kernel rule for one of the plan's rules.
-fn rule_of(spec: &RuleSpec, node_ip: Ipv4Addr, ifname: &str) -> Rule {
+/// The kernel rule for one of the plan's rules, in the rule list of `node_ip`'s family.
+fn rule_of(spec: &RuleSpec, node_ip: IpAddr, ifname: &str) -> Rule {
     Rule {
+        family: Family::of(node_ip),
         priority: spec.priority,
         table: spec.table,
         protocol: PROTO_PORTSLICE,
@@ -130,9 +150,11 @@ fn rule_of(spec: &RuleSpec, node_ip: Ipv4Addr, ifname: &str) -> Rule {
     }
 }
 
-/// `pref N lookup local`; ours carries our protocol mark, the restored one the kernel's.
-fn local_rule(priority: u32, ours: bool) -> Rule {
+/// `pref N lookup local` of `family`; ours carries our protocol mark, the restored one the
+/// kernel's.
+fn local_rule(family: Family, priority: u32, ours: bool) -> Rule {
     Rule {
+        family,
         priority,
         table: TABLE_LOCAL,
         protocol: if ours { PROTO_PORTSLICE } else { PROTO_KERNEL },
@@ -150,7 +172,7 @@ fn apply_steps(
     saved: &[(Key, String)],
 ) -> Result<(), NetnsError> {
     // Sysctls: the unprivileged start must never be above the port range's start, so lower it
-    // before moving the range down.
+    // before moving the range down. Both govern IPv6 sockets too.
     let current_unpriv = saved
         .iter()
         .find(|(k, _)| *k == Key::unprivileged_port_start())
@@ -160,41 +182,55 @@ fn apply_steps(
         sysctl::write(&Key::unprivileged_port_start(), &start.to_string())?;
     }
     sysctl::write(&Key::local_port_range(), &w.local_port_range())?;
-    // With two addresses on the interface, ARP requests must not name the node address as
-    // sender: the node drops them as martian (its own address) on any L3 interface without
-    // accept_local, e.g. a bridge. 2 = the address of the target's subnet, the private one.
-    sysctl::write(&arp_announce(&w.ifname), "2")?;
+    if w.ipv4.is_some() {
+        // With two addresses on the interface, ARP requests must not name the node address as
+        // sender: the node drops them as martian (its own address) on any L3 interface without
+        // accept_local, e.g. a bridge. 2 = the address of the target's subnet, the private one.
+        // (IPv6 has no such check: a neighbour solicitation from the node address is answered.)
+        sysctl::write(&arp_announce(&w.ifname), "2")?;
+    }
+    for f in w.families() {
+        apply_family(nl, w, f, ifindex)?;
+    }
+    Ok(())
+}
 
-    // The node address /32, after the private one so the private stays the primary.
-    let node_address = Address {
-        ifindex,
-        ip: w.node_ip,
-        prefix: 32,
-    };
-    ignore_exists(nl.add_address(node_address, "adding the node address"))?;
+/// One family's address, routes and rules.
+fn apply_family(nl: &Nl, w: &PodWiring, f: &FamilyWiring, ifindex: u32) -> Result<(), NetnsError> {
+    let family = f.family();
+    // The node address /32 (/128), after the private one so the private stays the primary.
+    ignore_exists(nl.add_address(
+        node_address(ifindex, f.node_ip),
+        &format!("adding the node address {}", f.node_ip),
+    ))?;
 
     // Default route: same gateway, now with `src <node IP>`.
-    let routes = nl.routes_v4()?;
+    let routes = nl.routes(family)?;
     let gateway = match routes.iter().find(|r| r.is_default()) {
         Some(r) => {
             nl.set_pref_source(
                 r,
-                Some(w.node_ip),
-                "setting src <node IP> on the default route",
+                Some(f.node_ip),
+                &format!("setting src {} on the default route", f.node_ip),
             )?;
-            r.gateway.or(w.gateway).ok_or(NetnsError::NoGateway)?
+            r.gateway
+                .or(f.gateway)
+                .ok_or(NetnsError::NoGateway(family))?
         }
         None => {
-            let gw = w.gateway.ok_or(NetnsError::NoGateway)?;
+            let gw = f.gateway.ok_or(NetnsError::NoGateway(family))?;
             let route = NewRoute {
-                destination: Ipv4Addr::UNSPECIFIED,
+                destination: family.unspecified(),
                 prefix: 0,
                 gateway: gw,
-                pref_source: w.node_ip,
+                pref_source: f.node_ip,
                 oif: ifindex,
                 protocol: PROTO_PORTSLICE,
             };
-            nl.add_route(&route, "adding the default route")?;
+            nl.add_route(
+                &route,
+                &format!("adding the {} default route", family.name()),
+            )?;
             gw
         }
     };
@@ -207,18 +243,18 @@ fn apply_steps(
         protocol: PROTO_PORTSLICE,
     };
 
-    // The node address /32 in the main table, via the same gateway: what `to <node IP> lookup
-    // main` finds for ports that are not the pod's, and the route the reference plugins' CHECK
-    // looks up for every address of their interface (our /32 has no prefix route otherwise).
+    // The node address /32 (/128) in the main table, via the same gateway: what `to <node IP>
+    // lookup main` finds for ports that are not the pod's, and the route the reference plugins'
+    // CHECK looks up for every address of their interface (ours has no prefix route otherwise).
     ignore_exists(nl.add_route(
-        &via_gateway(w.node_ip, 32, w.node_ip),
+        &via_gateway(f.node_ip, family.bits(), f.node_ip),
         "adding the route to the node address",
     ))?;
 
     // Cluster CIDRs keep the private address as source.
-    for cidr in &w.cluster_cidrs {
+    for cidr in &f.cluster_cidrs {
         let res = nl.add_route(
-            &via_gateway(cidr.network(), cidr.prefix, w.private.addr),
+            &via_gateway(cidr.network(), cidr.prefix(), f.private.addr()),
             &format!("adding the route to {cidr}"),
         );
         if res.as_ref().is_err_and(|e| is_errno(e, libc::EEXIST)) {
@@ -231,18 +267,19 @@ fn apply_steps(
     }
 
     // Our rules first, then the `local` table moved behind them: added at its new place before
-    // it leaves priority 0, so there is no instant without it.
+    // it leaves priority 0, so there is no instant without it. IPv4 and IPv6 have a rule list
+    // each, so each gets its own.
     for spec in w.rules() {
         ignore_exists(nl.add_rule(
-            &rule_of(&spec, w.node_ip, &w.ifname),
-            &format!("adding policy rule {spec:?}"),
+            &rule_of(&spec, f.node_ip, &w.ifname),
+            &format!("adding {} policy rule {spec:?}", family.name()),
         ))?;
     }
     ignore_exists(nl.add_rule(
-        &local_rule(LOCAL_RULE_PRIORITY, true),
-        "moving the local table rule",
+        &local_rule(family, LOCAL_RULE_PRIORITY, true),
+        &format!("moving the {} local table rule", family.name()),
     ))?;
-    for rule in nl.rules_v4()? {
+    for rule in nl.rules(family)? {
         if rule.table == TABLE_LOCAL
             && rule.priority < FIRST_RULE_PRIORITY
             && rule.ip_proto.is_none()
@@ -254,10 +291,11 @@ fn apply_steps(
     Ok(())
 }
 
-/// Removes everything PortSlice added in the pod (DEL, and undo after a failed ADD). Collects
-/// errors and carries on. Leaves the sysctls: the caller restores them when it knows the old
-/// values.
-pub fn cleanup(nl: &Nl, node_ip: Ipv4Addr, ifindex: u32) -> Vec<String> {
+/// Removes everything PortSlice added in the pod for `node_ip`'s family (DEL, and undo after a
+/// failed ADD). Collects errors and carries on. Leaves the sysctls: the caller restores them when
+/// it knows the old values. Harmless for a family the pod never got.
+pub fn cleanup(nl: &Nl, node_ip: IpAddr, ifindex: u32) -> Vec<String> {
+    let family = Family::of(node_ip);
     let mut errors = Vec::new();
     let mut note = |r: Result<(), NetnsError>| {
         if let Err(e) = r {
@@ -267,10 +305,10 @@ pub fn cleanup(nl: &Nl, node_ip: Ipv4Addr, ifindex: u32) -> Vec<String> {
     // The local table rule goes back to priority 0 before ours go, so there is no instant
     // without it.
     note(ignore_exists(nl.add_rule(
-        &local_rule(0, false),
-        "restoring the local table rule",
+        &local_rule(family, 0, false),
+        &format!("restoring the {} local table rule", family.name()),
     )));
-    match nl.rules_v4() {
+    match nl.rules(family) {
         Ok(rules) => {
             for rule in rules.iter().filter(|r| r.protocol == PROTO_PORTSLICE) {
                 note(ignore_missing(
@@ -280,7 +318,7 @@ pub fn cleanup(nl: &Nl, node_ip: Ipv4Addr, ifindex: u32) -> Vec<String> {
         }
         Err(e) => note(Err(e)),
     }
-    match nl.routes_v4() {
+    match nl.routes(family) {
         Ok(routes) => {
             for r in &routes {
                 if r.protocol == PROTO_PORTSLICE {
@@ -295,27 +333,27 @@ pub fn cleanup(nl: &Nl, node_ip: Ipv4Addr, ifindex: u32) -> Vec<String> {
         Err(e) => note(Err(e)),
     }
     note(ignore_missing(nl.del_address(
-        Address {
-            ifindex,
-            ip: node_ip,
-            prefix: 32,
-        },
+        node_address(ifindex, node_ip),
         "removing the node address",
     )));
     errors
 }
 
-/// DEL inside the pod: finds the interface, cleans up, and puts back the sysctls ADD changed
-/// (`restore`, from [`Applied::saved_sysctls`]; in reverse, as [`undo`] does). A missing
-/// interface means the primary plugin already removed it: only the sysctls are left to restore.
+/// DEL inside the pod: finds the interface, cleans up every family of the node, and puts back
+/// the sysctls ADD changed (`restore`, from [`Applied::saved_sysctls`]; in reverse, as [`undo`]
+/// does). A missing interface means the primary plugin already removed it: only the sysctls are
+/// left to restore.
 pub fn teardown(
     ifname: &str,
-    node_ip: Ipv4Addr,
+    node: &NodeAddrs,
     restore: &[(PathBuf, String)],
 ) -> Result<(), NetnsError> {
     let nl = Nl::new()?;
     let mut errors = match nl.link_by_name(ifname) {
-        Ok(link) => cleanup(&nl, node_ip, link.index),
+        Ok(link) => node
+            .iter()
+            .flat_map(|ip| cleanup(&nl, ip, link.index))
+            .collect(),
         Err(NetnsError::NoInterface(_)) => Vec::new(),
         Err(e) => return Err(e),
     };
@@ -331,68 +369,21 @@ pub fn teardown(
     }
 }
 
-/// CHECK inside the pod: every piece of the wiring is in place. Returns the pod link so the
-/// caller can check the datapath entry for its peer.
+/// CHECK inside the pod: every piece of the wiring is in place, for every family. Returns the
+/// pod link so the caller can check the datapath entry for its peer.
 pub fn check(w: &PodWiring) -> Result<PodLink, NetnsError> {
     let nl = Nl::new()?;
     let link = nl.link_by_name(&w.ifname)?;
     let mut problems = Vec::new();
-    let node_address = Address {
-        ifindex: link.index,
-        ip: w.node_ip,
-        prefix: 32,
-    };
-    if !nl.addresses_v4()?.contains(&node_address) {
-        problems.push(format!(
-            "node address {}/32 missing on {}",
-            w.node_ip, w.ifname
-        ));
+    for f in w.families() {
+        check_family(&nl, w, f, link.index, &mut problems)?;
     }
-    let routes = nl.routes_v4()?;
-    match routes.iter().find(|r| r.is_default()) {
-        Some(r) if r.pref_source == Some(w.node_ip) => {}
-        Some(_) => problems.push(format!("default route lacks src {}", w.node_ip)),
-        None => problems.push("no default route".into()),
-    }
-    let node_routed = routes
-        .iter()
-        .any(|r| r.table == TABLE_MAIN && r.prefix == 32 && r.destination == Some(w.node_ip));
-    if !node_routed {
-        problems.push(format!(
-            "no main-table route to the node address {}",
-            w.node_ip
-        ));
-    }
-    for cidr in &w.cluster_cidrs {
-        let routed = routes
-            .iter()
-            .any(|r| r.prefix == cidr.prefix && r.destination == Some(cidr.network()));
-        if !routed {
-            problems.push(format!("no route to cluster CIDR {cidr}"));
+    if w.ipv4.is_some() {
+        match sysctl::read(&arp_announce(&w.ifname)) {
+            Ok(v) if v == "2" => {}
+            Ok(v) => problems.push(format!("arp_announce on {} is {v}, want 2", w.ifname)),
+            Err(e) => problems.push(e.to_string()),
         }
-    }
-    let rules: Vec<Rule> = nl.rules_v4()?.into_iter().map(|r| r.item).collect();
-    for spec in w.rules() {
-        if !rules.contains(&rule_of(&spec, w.node_ip, &w.ifname)) {
-            problems.push(format!("policy rule missing: {spec:?}"));
-        }
-    }
-    let local_early = rules.iter().any(|r| {
-        r.table == TABLE_LOCAL && r.priority < FIRST_RULE_PRIORITY && r.destination.is_none()
-    });
-    if local_early {
-        problems.push("the local table rule is still ahead of the PortSlice rules".into());
-    }
-    if !rules
-        .iter()
-        .any(|r| r.table == TABLE_LOCAL && r.destination.is_none())
-    {
-        problems.push("no local table rule at all".into());
-    }
-    match sysctl::read(&arp_announce(&w.ifname)) {
-        Ok(v) if v == "2" => {}
-        Ok(v) => problems.push(format!("arp_announce on {} is {v}, want 2", w.ifname)),
-        Err(e) => problems.push(e.to_string()),
     }
     match sysctl::read(&Key::local_port_range()) {
         Ok(v) if v == w.local_port_range() => {}
@@ -410,4 +401,69 @@ pub fn check(w: &PodWiring) -> Result<PodLink, NetnsError> {
     } else {
         Err(NetnsError::Check(problems))
     }
+}
+
+fn check_family(
+    nl: &Nl,
+    w: &PodWiring,
+    f: &FamilyWiring,
+    ifindex: u32,
+    problems: &mut Vec<String>,
+) -> Result<(), NetnsError> {
+    let family = f.family();
+    let bits = family.bits();
+    if !nl
+        .addresses(family)?
+        .contains(&node_address(ifindex, f.node_ip))
+    {
+        problems.push(format!(
+            "node address {}/{bits} missing on {}",
+            f.node_ip, w.ifname
+        ));
+    }
+    let routes = nl.routes(family)?;
+    match routes.iter().find(|r| r.is_default()) {
+        Some(r) if r.pref_source == Some(f.node_ip) => {}
+        Some(_) => problems.push(format!("default route lacks src {}", f.node_ip)),
+        None => problems.push(format!("no {} default route", family.name())),
+    }
+    let node_routed = routes
+        .iter()
+        .any(|r| r.table == TABLE_MAIN && r.prefix == bits && r.destination == Some(f.node_ip));
+    if !node_routed {
+        problems.push(format!(
+            "no main-table route to the node address {}",
+            f.node_ip
+        ));
+    }
+    for cidr in &f.cluster_cidrs {
+        let routed = routes
+            .iter()
+            .any(|r| r.prefix == cidr.prefix() && r.destination == Some(cidr.network()));
+        if !routed {
+            problems.push(format!("no route to cluster CIDR {cidr}"));
+        }
+    }
+    let rules: Vec<Rule> = nl.rules(family)?.into_iter().map(|r| r.item).collect();
+    for spec in w.rules() {
+        if !rules.contains(&rule_of(&spec, f.node_ip, &w.ifname)) {
+            problems.push(format!("{} policy rule missing: {spec:?}", family.name()));
+        }
+    }
+    let local_early = rules.iter().any(|r| {
+        r.table == TABLE_LOCAL && r.priority < FIRST_RULE_PRIORITY && r.destination.is_none()
+    });
+    if local_early {
+        problems.push(format!(
+            "the {} local table rule is still ahead of the PortSlice rules",
+            family.name()
+        ));
+    }
+    if !rules
+        .iter()
+        .any(|r| r.table == TABLE_LOCAL && r.destination.is_none())
+    {
+        problems.push(format!("no {} local table rule at all", family.name()));
+    }
+    Ok(())
 }

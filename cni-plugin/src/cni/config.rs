@@ -2,7 +2,7 @@
 //! validation; nothing here touches the system.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::error::{CniError, code};
 use super::result::CniResult;
 use super::version::Version;
-use portslice_netns::Ipv4Cidr;
+use portslice_netns::{IpCidr, NodeAddrs};
 
 /// Where per-pod state lives between ADD and DEL when the config does not say (tmpfs: it goes
 /// with a reboot, as the pods' netns do).
@@ -28,7 +28,9 @@ pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(5);
 pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
 
 /// PortSlice's entry in a conflist, as written by the node daemon (or by hand for runtimes without
-/// Kubernetes). Every field but `type` and `nodeIP` is optional:
+/// Kubernetes). Every field but `type` and `nodeIP` is optional. `nodeIP` is the node's shared
+/// address, IPv4 or IPv6, or a list of one of each on a dual-stack node
+/// (`["192.0.2.10", "2001:db8::10"]`); `clusterCIDRs` may hold both families:
 ///
 /// ```json
 /// { "type": "portslice",
@@ -61,7 +63,7 @@ struct RawConfig {
     #[serde(rename = "cni.dev/attachments")]
     attachments: Option<Vec<Attachment>>,
     #[serde(rename = "nodeIP")]
-    node_ip: Option<String>,
+    node_ip: Option<NodeIpField>,
     #[serde(rename = "clusterCIDRs", default)]
     cluster_cidrs: Vec<String>,
     pin_root: Option<PathBuf>,
@@ -74,6 +76,32 @@ struct RawConfig {
     pool: Option<String>,
     state_dir: Option<PathBuf>,
     node_name: Option<String>,
+}
+
+/// `nodeIP`: one address (every configuration before dual stack), or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum NodeIpField {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl NodeIpField {
+    /// The node addresses it names: at least one, at most one per family.
+    fn addrs(&self) -> Result<NodeAddrs, String> {
+        let texts: Vec<&str> = match self {
+            Self::One(s) => vec![s.as_str()],
+            Self::Many(v) => v.iter().map(String::as_str).collect(),
+        };
+        let addrs = texts
+            .iter()
+            .map(|t| {
+                t.parse::<IpAddr>()
+                    .map_err(|_| format!("nodeIP {t:?} is not an IPv4 or IPv6 address"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        NodeAddrs::new(addrs).map_err(|e| format!("nodeIP: {e}"))
+    }
 }
 
 /// `nodeCritical`: what the cluster moved of the node's own ports (see `NodeCritical`).
@@ -102,13 +130,14 @@ pub struct PluginConfig {
     pub version: Version,
     /// Network name (from the conflist).
     pub name: String,
-    /// `nodeIP`: the node's shared IPv4 address. It goes onto slice pods' interfaces as /32 and
-    /// is the address the eBPF programs steer by port.
-    pub node_ip: Ipv4Addr,
-    /// `clusterCIDRs`: pod and service CIDRs reached from the pod's *private* address
-    /// (routes with `src <private IP>`), so in-cluster traffic keeps using it. Everything else
-    /// leaves from the node address.
-    pub cluster_cidrs: Vec<Ipv4Cidr>,
+    /// `nodeIP`: the node's shared addresses, one IPv4, one IPv6, or both. Each goes onto slice
+    /// pods' interfaces (/32, /128) where the pod has that family, and is an address the eBPF
+    /// programs steer by port: a slice owns its ports on every one of them.
+    pub node: NodeAddrs,
+    /// `clusterCIDRs`: pod and service CIDRs (either family) reached from the pod's *private*
+    /// address of that family (routes with `src <private IP>`), so in-cluster traffic keeps
+    /// using it. Everything else leaves from the node address.
+    pub cluster_cidrs: Vec<IpCidr>,
     /// `pinRoot`: where the node daemon pinned the eBPF programs and maps
     /// (default `/sys/fs/bpf/portslice`).
     pub pin_root: PathBuf,
@@ -217,9 +246,10 @@ impl Envelope {
         self.value.get("pool")?.as_str()?.parse().ok()
     }
 
-    /// `nodeIP`, when it is an IPv4 address.
-    pub fn node_ip(&self) -> Option<Ipv4Addr> {
-        self.value.get("nodeIP")?.as_str()?.parse().ok()
+    /// `nodeIP`, when it names usable node addresses.
+    pub fn node_addrs(&self) -> Option<NodeAddrs> {
+        let field: NodeIpField = serde_json::from_value(self.value.get("nodeIP")?.clone()).ok()?;
+        field.addrs().ok()
     }
 }
 
@@ -244,26 +274,19 @@ impl PluginConfig {
             return Err(invalid_msg("type is missing"));
         }
         let name = raw.name.unwrap_or_default();
-        let node_ip = match raw.node_ip.as_deref() {
-            Some(ip) => ip
-                .parse::<Ipv4Addr>()
-                .map_err(|e| invalid(&format!("nodeIP {ip:?} is not an IPv4 address"), e))?,
+        let node = match &raw.node_ip {
+            Some(field) => field.addrs().map_err(|e| invalid_msg(&e))?,
             None => {
                 return Err(invalid_msg(
-                    "nodeIP is missing: set the node's shared IPv4 address",
+                    "nodeIP is missing: set the node's shared address (IPv4, IPv6, or a list of one of each)",
                 ));
             }
         };
-        if node_ip.is_unspecified() || node_ip.is_loopback() || node_ip.is_multicast() {
-            return Err(invalid_msg(&format!(
-                "nodeIP {node_ip} cannot be shared with pods"
-            )));
-        }
         let cluster_cidrs = raw
             .cluster_cidrs
             .iter()
             .map(|c| {
-                c.parse::<Ipv4Cidr>()
+                c.parse::<IpCidr>()
                     .map_err(|e| invalid("clusterCIDRs has a bad entry", e))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -334,7 +357,7 @@ impl PluginConfig {
         Ok(Self {
             version,
             name,
-            node_ip,
+            node,
             cluster_cidrs,
             pin_root: raw
                 .pin_root
@@ -386,6 +409,43 @@ mod tests {
         assert!(c.prev_result.is_none() && c.pod_annotations.is_none());
         assert_eq!(c.critical, NodeCritical::default());
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    }
+
+    #[test]
+    fn node_ip_is_either_family_or_one_of_each() {
+        let c = parse(base()).unwrap();
+        assert_eq!(c.node, NodeAddrs::v4("192.0.2.10".parse().unwrap()));
+        let mut v = base();
+        v["nodeIP"] = json!("2001:db8::10");
+        let c = parse(v).unwrap();
+        assert_eq!(
+            (c.node.v4, c.node.v6),
+            (None, Some("2001:db8::10".parse().unwrap()))
+        );
+        let mut v = base();
+        v["nodeIP"] = json!(["2001:db8::10", "192.0.2.10"]);
+        v["clusterCIDRs"] = json!(["10.244.0.0/16", "fd00:10:244::/56"]);
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.node.to_string(), "192.0.2.10,2001:db8::10");
+        assert!(c.cluster_cidrs[1].is_ipv6());
+        assert_eq!(
+            Envelope::parse(&v.to_string()).unwrap().node_addrs(),
+            Some(c.node)
+        );
+        for bad in [
+            json!(["192.0.2.10", "192.0.2.11"]),
+            json!([]),
+            json!(["fe80::1"]),
+            json!(["192.0.2.10", 7]),
+        ] {
+            let mut v = base();
+            v["nodeIP"] = bad.clone();
+            assert_eq!(
+                parse(v).unwrap_err().code,
+                code::INVALID_NETWORK_CONFIG,
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -488,7 +548,7 @@ mod tests {
         assert_eq!(e.prev_result().unwrap()["cniVersion"], "9.9.9");
         assert_eq!(e.pod_annotations().unwrap()["a"], "b");
         assert_eq!(e.pin_root(), PathBuf::from("/sys/fs/bpf/x"));
-        assert_eq!(e.node_ip(), None);
+        assert_eq!(e.node_addrs(), None);
         assert!(!e.has_network_slice());
         let bare = Envelope::parse("{}").unwrap();
         assert!(bare.prev_result().is_none() && bare.pod_annotations().is_none());

@@ -1,14 +1,15 @@
 //! The CNI result (`interfaces`, `ips`, `routes`, `dns`), read from `prevResult` and written back
-//! with the node address added. Unknown fields are kept (`extra`) so a chain loses nothing.
+//! with the node addresses added. Unknown fields are kept (`extra`) so a chain loses nothing.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::{CniError, code};
 use super::version::Version;
-use portslice_netns::Ipv4Cidr;
+use portslice_netns::plan::{PodWiring, PrivateAddress};
+use portslice_netns::{Family, IpCidr};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CniResult {
@@ -64,14 +65,23 @@ pub struct Route {
 }
 
 /// What the primary plugin gave the pod on the CNI_IFNAME interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PodAddress {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodAddresses {
     /// Index of the pod interface in `interfaces`.
     pub interface_index: usize,
-    /// The pod's private IPv4 address and prefix.
-    pub private: Ipv4Cidr,
-    /// The gateway the primary plugin reported, if any.
-    pub gateway: Option<Ipv4Addr>,
+    /// Its addresses of either family, in prevResult's order, each with the gateway the primary
+    /// plugin reported for it. Possibly none (a plugin that leaves addressing to another).
+    pub private: Vec<PrivateAddress>,
+}
+
+impl PodAddresses {
+    /// The first private IPv4 address, if the pod has one.
+    pub fn first_v4(&self) -> Option<Ipv4Addr> {
+        self.private.iter().find_map(|p| match p.cidr {
+            IpCidr::V4(c) => Some(c.addr),
+            IpCidr::V6(_) => None,
+        })
+    }
 }
 
 impl CniResult {
@@ -85,8 +95,10 @@ impl CniResult {
         })
     }
 
-    /// Finds the pod interface (`ifname` inside a sandbox) and its first IPv4 address.
-    pub fn pod_address(&self, ifname: &str) -> Result<PodAddress, CniError> {
+    /// Finds the pod interface (`ifname` inside a sandbox) and its addresses. Fails only when
+    /// there is no such interface: which families a pod must have is the caller's call (none for
+    /// a pod without a slice).
+    pub fn pod_addresses(&self, ifname: &str) -> Result<PodAddresses, CniError> {
         let interface_index = self
             .interfaces
             .iter()
@@ -98,46 +110,49 @@ impl CniResult {
                 )
                 .with_details("portslice is chained after a plugin that creates the pod interface (ptp, bridge, ...)")
             })?;
-        self.ips
+        let private = self
+            .ips
             .iter()
             .filter(|ip| ip.interface == Some(interface_index))
-            .find_map(|ip| {
-                let private: Ipv4Cidr = ip.address.parse().ok()?;
-                let gateway = ip.gateway.as_deref().and_then(|g| g.parse().ok());
-                Some(PodAddress {
-                    interface_index,
-                    private,
-                    gateway,
-                })
+            .filter_map(|ip| {
+                let cidr: IpCidr = ip.address.parse().ok()?;
+                let gateway = ip
+                    .gateway
+                    .as_deref()
+                    .and_then(|g| g.parse::<IpAddr>().ok())
+                    .filter(|g| Family::of(*g) == cidr.family());
+                Some(PrivateAddress { cidr, gateway })
             })
-            .ok_or_else(|| {
-                CniError::new(
-                    code::PREV_RESULT,
-                    format!("prevResult has no IPv4 address on {ifname:?}"),
-                )
-            })
+            .collect();
+        Ok(PodAddresses {
+            interface_index,
+            private,
+        })
     }
 
-    /// The result ADD prints: the previous result with the node address /32 appended to the pod
-    /// interface. Appended, not prepended: containerd takes the *first* IPv4 of the interface as
-    /// the pod IP, and that must stay the private address. It carries the private address's
-    /// gateway (the node address leaves through it too); the reference plugins' CHECK insists on a
-    /// gateway for every address of their interface.
-    pub fn with_node_address(
+    /// The result ADD prints: the previous result with the node addresses the pod got (`/32`,
+    /// `/128`, IPv4 first) appended to the pod interface. Appended, not prepended: containerd
+    /// takes the *first* address of each family on the interface as the pod IPs, and those must
+    /// stay the private ones. Each carries the private address's gateway of its family (the node
+    /// address leaves through it too); the reference plugins' CHECK insists on a gateway for
+    /// every address of their interface.
+    pub fn with_node_addresses(
         mut self,
         version: Version,
-        pod: &PodAddress,
-        node_ip: Ipv4Addr,
+        interface_index: usize,
+        wiring: &PodWiring,
     ) -> Self {
-        let address = format!("{node_ip}/32");
-        if !self.ips.iter().any(|ip| ip.address == address) {
-            self.ips.push(IpConfig {
-                version: None,
-                address,
-                gateway: pod.gateway.map(|g| g.to_string()),
-                interface: Some(pod.interface_index),
-                extra: Map::new(),
-            });
+        for f in wiring.families() {
+            let address = format!("{}/{}", f.node_ip, f.family().bits());
+            if !self.ips.iter().any(|ip| ip.address == address) {
+                self.ips.push(IpConfig {
+                    version: None,
+                    address,
+                    gateway: f.gateway.map(|g| g.to_string()),
+                    interface: Some(interface_index),
+                    extra: Map::new(),
+                });
+            }
         }
         self.into_version(version)
     }
@@ -166,6 +181,7 @@ impl CniResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use portslice_netns::NodeAddrs;
 
     /// What Debian's ptp plugin prints at 1.0.0.
     pub(crate) fn ptp_result() -> Value {
@@ -181,22 +197,49 @@ mod tests {
         })
     }
 
+    /// What Debian's ptp plugin prints for a dual-stack pod at 1.0.0.
+    fn dual_stack_result() -> Value {
+        let mut v = ptp_result();
+        v["ips"] = serde_json::json!([
+            {"address": "10.22.0.5/24", "gateway": "10.22.0.1", "interface": 1},
+            {"address": "fd00:22::5/64", "gateway": "fd00:22::1", "interface": 1}
+        ]);
+        v
+    }
+
+    fn wiring(r: &CniResult, node: &[&str]) -> PodWiring {
+        let pod = r.pod_addresses("eth0").unwrap();
+        let node = NodeAddrs::new(node.iter().map(|a| a.parse().unwrap())).unwrap();
+        PodWiring::new(
+            "eth0",
+            portslice_ports::PortRange {
+                start: 40000,
+                end: 40099,
+            },
+            &node,
+            &pod.private,
+            &[],
+        )
+    }
+
     #[test]
     fn finds_the_pod_interface_and_private_address() {
         let r = CniResult::from_value(ptp_result()).unwrap();
-        let pod = r.pod_address("eth0").unwrap();
+        let pod = r.pod_addresses("eth0").unwrap();
         assert_eq!(pod.interface_index, 1);
-        assert_eq!(pod.private.to_string(), "10.22.0.5/24");
-        assert_eq!(pod.gateway, Some(Ipv4Addr::new(10, 22, 0, 1)));
-        assert_eq!(r.pod_address("net1").unwrap_err().code, code::PREV_RESULT);
+        assert_eq!(pod.private.len(), 1);
+        assert_eq!(pod.private[0].cidr.to_string(), "10.22.0.5/24");
+        assert_eq!(pod.private[0].gateway, Some("10.22.0.1".parse().unwrap()));
+        assert_eq!(pod.first_v4(), Some(Ipv4Addr::new(10, 22, 0, 5)));
+        assert_eq!(r.pod_addresses("net1").unwrap_err().code, code::PREV_RESULT);
     }
 
     #[test]
     fn appends_the_node_address_after_the_private_one_once() {
         let r = CniResult::from_value(ptp_result()).unwrap();
-        let pod = r.pod_address("eth0").unwrap();
-        let node = Ipv4Addr::new(192, 0, 2, 10);
-        let out = r.with_node_address(Version::V100, &pod, node);
+        let pod = r.pod_addresses("eth0").unwrap();
+        let w = wiring(&r, &["192.0.2.10"]);
+        let out = r.with_node_addresses(Version::V100, pod.interface_index, &w);
         assert_eq!(out.ips.len(), 2);
         assert_eq!(
             out.ips[0].address, "10.22.0.5/24",
@@ -205,7 +248,9 @@ mod tests {
         assert_eq!(out.ips[1].address, "192.0.2.10/32");
         assert_eq!(out.ips[1].interface, Some(1));
         assert_eq!(out.ips[1].gateway.as_deref(), Some("10.22.0.1"));
-        let again = out.clone().with_node_address(Version::V100, &pod, node);
+        let again = out
+            .clone()
+            .with_node_addresses(Version::V100, pod.interface_index, &w);
         assert_eq!(again.ips.len(), 2, "idempotent");
         let json: Value = serde_json::from_str(&again.to_json().unwrap()).unwrap();
         assert_eq!(
@@ -218,19 +263,53 @@ mod tests {
 
     #[test]
     fn version_040_results_carry_ip_versions() {
-        let r = CniResult::from_value(ptp_result()).unwrap();
-        let pod = r.pod_address("eth0").unwrap();
-        let out = r.with_node_address(Version::V040, &pod, Ipv4Addr::new(192, 0, 2, 10));
+        let r = CniResult::from_value(dual_stack_result()).unwrap();
+        let w = wiring(&r, &["192.0.2.10", "2001:db8::10"]);
+        let out = r.with_node_addresses(Version::V040, 1, &w);
         assert_eq!(out.cni_version, "0.4.0");
-        assert!(out.ips.iter().all(|ip| ip.version.as_deref() == Some("4")));
+        let versions: Vec<_> = out.ips.iter().map(|ip| ip.version.as_deref()).collect();
+        assert_eq!(versions, [Some("4"), Some("6"), Some("4"), Some("6")]);
     }
 
     #[test]
-    fn a_result_without_ipv4_on_the_pod_interface_is_refused() {
+    fn dual_stack_pods_get_each_node_address_after_every_private_one() {
+        let r = CniResult::from_value(dual_stack_result()).unwrap();
+        let w = wiring(&r, &["192.0.2.10", "2001:db8::10"]);
+        let out = r.with_node_addresses(Version::V100, 1, &w);
+        let ips: Vec<_> = out
+            .ips
+            .iter()
+            .map(|ip| (ip.address.as_str(), ip.gateway.as_deref()))
+            .collect();
+        assert_eq!(
+            ips,
+            [
+                ("10.22.0.5/24", Some("10.22.0.1")),
+                ("fd00:22::5/64", Some("fd00:22::1")),
+                ("192.0.2.10/32", Some("10.22.0.1")),
+                ("2001:db8::10/128", Some("fd00:22::1")),
+            ]
+        );
+        // A node with IPv6 only adds only its IPv6 address; a pod with IPv6 only gets only it.
+        let r = CniResult::from_value(dual_stack_result()).unwrap();
+        let out = r
+            .clone()
+            .with_node_addresses(Version::V100, 1, &wiring(&r, &["2001:db8::10"]));
+        assert_eq!(out.ips.len(), 3);
+        assert_eq!(out.ips[2].address, "2001:db8::10/128");
+    }
+
+    #[test]
+    fn an_ipv6_only_pod_interface_is_found_with_its_addresses() {
         let mut v = ptp_result();
-        v["ips"] = serde_json::json!([{"address": "fd00::5/64", "interface": 1}]);
+        v["ips"] =
+            serde_json::json!([{"address": "fd00::5/64", "gateway": "fd00::1", "interface": 1}]);
         let r = CniResult::from_value(v).unwrap();
-        assert_eq!(r.pod_address("eth0").unwrap_err().code, code::PREV_RESULT);
+        let pod = r.pod_addresses("eth0").unwrap();
+        assert_eq!(pod.first_v4(), None);
+        assert!(pod.private[0].cidr.is_ipv6());
+        // The IPv4-only node shares nothing with it.
+        assert!(wiring(&r, &["192.0.2.10"]).is_empty());
         assert!(CniResult::from_value(serde_json::json!({"ips": 5})).is_err());
     }
 }

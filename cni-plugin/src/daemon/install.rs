@@ -39,13 +39,13 @@ pub fn plugin_entry(args: &DaemonArgs) -> serde_json::Value {
     let mut v = json!({
         "type": PLUGIN_TYPE,
         "pinRoot": args.pin_root,
-        "nodeIP": args.node_ip.to_string(),
+        "nodeIP": node_ip_field(&args.node_ip),
         "capabilities": { "io.kubernetes.cri.pod-annotations": true },
         // The node's own ports as the cluster has them, so the plugin refuses the same ones.
         "nodeCritical": {
             "apiServerPort": args.api_server_port,
             "nodePortRange": args.node_port_range.to_string(),
-            "daemonPorts": [args.metrics_addr.port()],
+            "daemonPorts": daemon_ports(args),
         },
         "pool": pool.to_string(),
         "stateDir": args.state_dir,
@@ -60,6 +60,24 @@ pub fn plugin_entry(args: &DaemonArgs) -> serde_json::Value {
         v["clusterCIDRs"] = json!(args.cluster_cidrs);
     }
     v
+}
+
+/// The daemon's own ports on the node: metrics and health, and TCPMUX when served.
+pub fn daemon_ports(args: &DaemonArgs) -> Vec<u16> {
+    let mut ports = vec![args.metrics_addr.port()];
+    if args.tcpmux {
+        ports.push(super::tcpmux::PORT);
+    }
+    ports
+}
+
+/// `nodeIP` as the plugin reads it: one address as a string (what every entry before dual stack
+/// held, so an IPv4-only node's entry does not change), one of each family as a list.
+fn node_ip_field(addrs: &[std::net::IpAddr]) -> serde_json::Value {
+    match addrs {
+        [one] => json!(one.to_string()),
+        many => json!(many.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
+    }
 }
 
 fn conflist_path(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
@@ -180,6 +198,31 @@ mod tests {
             serde_json::json!(["10.244.0.0/16", "10.96.0.0/16"])
         );
         assert_eq!(v["nodeIP"], "198.18.0.1");
+        // Dual stack: one of each, comma-separated or repeated, as the kubelet's --node-ip.
+        for flags in [
+            vec!["--node-ip", "198.18.0.1,2001:2::1"],
+            vec!["--node-ip", "198.18.0.1", "--node-ip", "2001:2::1"],
+        ] {
+            let cli = Cli::parse_from(["portslice", "--uplink", "eth0"].into_iter().chain(flags));
+            assert_eq!(
+                super::plugin_entry(&cli.args)["nodeIP"],
+                serde_json::json!(["198.18.0.1", "2001:2::1"])
+            );
+            assert_eq!(
+                cli.args.node_addrs().unwrap().to_string(),
+                "198.18.0.1,2001:2::1"
+            );
+        }
+        let cli = Cli::parse_from(["portslice", "--uplink", "eth0", "--node-ip", "2001:2::1"]);
+        assert_eq!(super::plugin_entry(&cli.args)["nodeIP"], "2001:2::1");
+        let cli = Cli::parse_from([
+            "portslice",
+            "--uplink",
+            "eth0",
+            "--node-ip",
+            "10.0.0.1,10.0.0.2",
+        ]);
+        assert!(cli.args.node_addrs().is_err(), "two IPv4 addresses");
         assert_eq!(
             v["capabilities"]["io.kubernetes.cri.pod-annotations"], true,
             "without the capability containerd never passes annotations and every ADD reads the Pod"

@@ -1,4 +1,6 @@
-//! `/metrics` (per-slice counters read from the pinned maps at scrape time) and `/healthz`.
+//! `/metrics` (per-slice counters read from the pinned maps at scrape time), `/healthz` (the
+//! datapath is up: liveness) and `/readyz` (and the node is set up for slice pods: the plugin
+//! is in the conflist with its kubeconfig, the cluster CIDRs detected or given).
 use std::{collections::BTreeMap, path::PathBuf};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
@@ -29,6 +31,30 @@ struct EventLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UplinkLabels {
+    uplink: String,
+    node_ip: String,
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CidrLabels {
+    cidr: String,
+    source: &'static str,
+}
+
+/// What the daemon chose on this node, for `/metrics`: the uplink and the cluster CIDRs, and
+/// whether it detected them or was told.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    pub uplink: String,
+    pub node_ip: String,
+    pub uplink_detected: bool,
+    pub cluster_cidrs: Vec<String>,
+    pub cidrs_detected: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConflistLabels {
     file: String,
     cni_version: String,
@@ -36,11 +62,15 @@ struct ConflistLabels {
     supported: String,
 }
 
-/// What `/metrics` and `/healthz` read: the pinned datapath and the conflist last found.
+/// What `/metrics` and `/healthz` read: the pinned datapath, the conflist last found and what
+/// the daemon chose on this node.
 #[derive(Clone)]
 pub struct MetricsState {
     pub pin_root: PathBuf,
     pub chain: ChainState,
+    pub facts: std::sync::Arc<std::sync::RwLock<NodeFacts>>,
+    /// Set once the node is set up for slice pods (the daemon's start is done).
+    pub ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Per-slice sums of the per-pod counters (a slice has at most one pod per node, but pods of a
@@ -68,7 +98,11 @@ pub fn per_slice(
 }
 
 /// Renders the exposition text from the pinned maps and the conflist report.
-pub fn render(pin_root: &std::path::Path, chain: Option<&ChainReport>) -> Result<String, String> {
+pub fn render(
+    pin_root: &std::path::Path,
+    chain: Option<&ChainReport>,
+    facts: Option<&NodeFacts>,
+) -> Result<String, String> {
     let dp = PinnedDatapath::open(pin_root).map_err(|e| e.to_string())?;
     let pods = dp.list_pods().map_err(|e| e.to_string())?;
     let stats = dp.pod_stats().map_err(|e| e.to_string())?;
@@ -150,9 +184,51 @@ pub fn render(pin_root: &std::path::Path, chain: Option<&ChainReport>) -> Result
     }
     attached.set(pods.len() as i64);
     register_chain(&mut reg, chain);
+    if let Some(f) = facts {
+        register_facts(&mut reg, f);
+    }
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+/// `portslice_node_uplink_info` and `portslice_cluster_cidr_info`.
+fn register_facts(reg: &mut Registry, f: &NodeFacts) {
+    let uplink = Family::<UplinkLabels, Gauge<i64>>::default();
+    reg.register(
+        "node_uplink_info",
+        "The interface the node address lives on, where the ingress program attaches",
+        uplink.clone(),
+    );
+    uplink
+        .get_or_create(&UplinkLabels {
+            uplink: f.uplink.clone(),
+            node_ip: f.node_ip.clone(),
+            source: if f.uplink_detected {
+                "detected"
+            } else {
+                "configured"
+            },
+        })
+        .set(1);
+    let cidrs = Family::<CidrLabels, Gauge<i64>>::default();
+    reg.register(
+        "cluster_cidr_info",
+        "The pod and service CIDRs slice pods reach from their private address",
+        cidrs.clone(),
+    );
+    for c in &f.cluster_cidrs {
+        cidrs
+            .get_or_create(&CidrLabels {
+                cidr: c.clone(),
+                source: if f.cidrs_detected {
+                    "detected"
+                } else {
+                    "configured"
+                },
+            })
+            .set(1);
+    }
 }
 
 /// `portslice_cni_conflist_found` and, when found, `portslice_cni_conflist_info`.
@@ -180,11 +256,12 @@ fn register_chain(reg: &mut Registry, chain: Option<&ChainReport>) {
     .set(1);
 }
 
-pub fn router(pin_root: PathBuf, chain: ChainState) -> Router {
+pub fn router(state: MetricsState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(MetricsState { pin_root, chain })
+        .route("/readyz", get(readyz))
+        .with_state(state)
 }
 
 async fn metrics(
@@ -195,7 +272,12 @@ async fn metrics(
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
     )];
     let report = state.chain.get();
-    match tokio::task::spawn_blocking(move || render(&state.pin_root, report.as_ref())).await {
+    let facts = state.facts.read().map(|f| f.clone()).ok();
+    match tokio::task::spawn_blocking(move || {
+        render(&state.pin_root, report.as_ref(), facts.as_ref())
+    })
+    .await
+    {
         Ok(Ok(text)) => (StatusCode::OK, ct, text),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, ct, e),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, ct, e.to_string()),
@@ -207,6 +289,16 @@ async fn healthz(State(state): State<MetricsState>) -> (StatusCode, String) {
         Ok(()) => (StatusCode::OK, "ok\n".into()),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }
+}
+
+async fn readyz(State(state): State<MetricsState>) -> (StatusCode, String) {
+    if !state.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting: detecting the cluster CIDRs and joining the conflist\n".into(),
+        );
+    }
+    healthz(State(state)).await
 }
 
 #[cfg(test)]

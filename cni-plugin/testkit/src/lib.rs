@@ -2,8 +2,10 @@
 //! benchmark (`cni-plugin/tests/bench.rs`):
 //! - this module: the netns topology (node, remote, pods) and the daemon running in it;
 //! - [`runtime`]: plugins driven exactly as libcni drives them, with conflists at every version;
+//!   [`cni_node`]: a node whose pods all come through the chain (ptp or bridge, either family);
 //! - [`rows`]: the rows of the connectivity matrix (docs/DESIGN.md), each written once;
-//! - [`traffic`]: servers and clients in a netns, crafted packets; [`latency`]: CNI timings;
+//! - [`traffic`]: servers and clients in a netns, crafted packets; [`icmp6`]: their ICMPv6 and
+//!   crafted-IPv6 counterparts; [`latency`]: CNI timings;
 //!   [`loopback`]: a relay to the test API server; [`legacy`]: a node as the first release (datapath
 //!   layout 1) left it, for the upgrade tests.
 //!
@@ -13,9 +15,16 @@
 //! ```text
 //!   remote netns                 node netns                         pod netns (one per pod)
 //!   eth0 198.18.0.2/24 ── veth ── up0 198.18.0.1/24 (node IP)
+//!        2001:2::2/64                 2001:2::1/64 (node IPv6)
 //!                                 vh<N> 10.244.0.1/32 ─── veth ─── eth0 10.244.0.<N>/32
-//!                                 daemon (own pin root)             (+ node IP /32 for slice pods)
+//!                                       fd00:244::1/128                 fd00:244::<N>/128
+//!                                 daemon (own pin root)             (+ node IP /32, /128 for slice pods)
 //! ```
+//!
+//! A topology has a [`Stack`]: IPv4 only (the default, as before dual stack), IPv6 only, or both;
+//! the node, the remote, the daemon's `--node-ip` and the pods get the addresses of its families
+//! (a pod may have fewer: [`Topology::add_pod_with`]). IPv6 addresses are from the benchmarking
+//! range 2001:2::/48 (RFC 5180) on the uplink, ULA fd00::/8 for pods.
 //!
 //! Names include the PID and a counter, so concurrent test binaries never collide; addresses
 //! exist only inside these namespaces. Run commands in a netns with [`Netns::run`] (`ip -n` /
@@ -28,6 +37,8 @@
 //! the harness cannot drift from the plugin.
 #![deny(rust_2018_idioms)]
 
+pub mod cni_node;
+pub mod icmp6;
 pub mod latency;
 pub mod legacy;
 pub mod loopback;
@@ -37,7 +48,7 @@ pub mod traffic;
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -45,7 +56,9 @@ use std::{
 };
 
 use portslice_datapath::{PinnedDatapath, PodAttachment, PortRange, Protocol, SliceBinding};
-use portslice_netns::{Ipv4Cidr, iface, plan::PodWiring, thread::in_netns, wiring};
+pub use portslice_netns::Family;
+use portslice_netns::plan::{PodWiring, PrivateAddress};
+use portslice_netns::{IpCidr, NodeAddrs, iface, thread::in_netns, wiring};
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -53,6 +66,88 @@ pub const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const REMOTE_IP2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 pub const REMOTE_IP3: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The node's IPv6 address, on the uplink (benchmarking range, RFC 5180).
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+pub const REMOTE_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+/// Further IPv6 addresses a test may give the remote.
+pub const REMOTE_IP6_2: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 3);
+pub const REMOTE_IP6_3: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 4);
+/// The pods' IPv6 gateway (on every host veth) and their addresses, `fd00:244::<N>`.
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1);
+/// The pods' cluster CIDRs of the veth topology.
+pub const CLUSTER_CIDR4: &str = "10.244.0.0/16";
+pub const CLUSTER_CIDR6: &str = "fd00:244::/64";
+
+/// The address families of a topology or a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stack {
+    V4,
+    V6,
+    Dual,
+}
+
+impl Stack {
+    pub fn has(self, f: Family) -> bool {
+        match self {
+            Self::V4 => f == Family::V4,
+            Self::V6 => f == Family::V6,
+            Self::Dual => true,
+        }
+    }
+
+    /// Its families, IPv4 first.
+    pub fn families(self) -> Vec<Family> {
+        [Family::V4, Family::V6]
+            .into_iter()
+            .filter(|f| self.has(*f))
+            .collect()
+    }
+
+    /// The stack of just `f`.
+    pub fn of(f: Family) -> Self {
+        match f {
+            Family::V4 => Self::V4,
+            Family::V6 => Self::V6,
+        }
+    }
+
+    /// The node addresses a node of this stack shares.
+    pub fn node_addrs(self) -> NodeAddrs {
+        NodeAddrs {
+            v4: self.has(Family::V4).then_some(NODE_IP),
+            v6: self.has(Family::V6).then_some(NODE_IP6),
+        }
+    }
+}
+
+/// The node's address of `f`.
+pub fn node_ip(f: Family) -> IpAddr {
+    match f {
+        Family::V4 => NODE_IP.into(),
+        Family::V6 => NODE_IP6.into(),
+    }
+}
+
+/// The remote's (first) address of `f`.
+pub fn remote_ip(f: Family) -> IpAddr {
+    match f {
+        Family::V4 => REMOTE_IP.into(),
+        Family::V6 => REMOTE_IP6.into(),
+    }
+}
+
+/// The remote's second address of `f` (see [`Topology::add_remote_address`]).
+pub fn remote_ip2(f: Family) -> IpAddr {
+    match f {
+        Family::V4 => REMOTE_IP2.into(),
+        Family::V6 => REMOTE_IP6_2.into(),
+    }
+}
+
+/// Pod `n`'s private IPv6 address.
+pub fn pod_ip6(n: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, n as u16)
+}
 pub const UPLINK: &str = "up0";
 /// The daemon's metrics server inside the node netns (its own loopback: no clash between tests).
 pub const METRICS: &str = "127.0.0.1:9465";
@@ -201,14 +296,41 @@ pub struct Pod {
     pub ns: Netns,
     pub host_veth: String,
     pub host_ifindex: u32,
+    /// Its number on the node (`vh<N>`, `10.244.0.<N>`, `fd00:244::<N>`).
+    pub n: u32,
+    /// Its private IPv4 address; `0.0.0.0` for an IPv6-only pod.
     pub private_ip: Ipv4Addr,
+    /// Its private IPv6 address, if it has IPv6.
+    pub private_ip6: Option<Ipv6Addr>,
     pub container_id: String,
     pub range: Option<PortRange>,
+}
+
+impl Pod {
+    /// Its private address of `f` (panics when it has none: a test asked for the wrong family).
+    pub fn private(&self, f: Family) -> IpAddr {
+        match f {
+            Family::V4 => {
+                assert!(
+                    !self.private_ip.is_unspecified(),
+                    "pod {} has no IPv4",
+                    self.n
+                );
+                self.private_ip.into()
+            }
+            Family::V6 => self
+                .private_ip6
+                .unwrap_or_else(|| panic!("pod {} has no IPv6", self.n))
+                .into(),
+        }
+    }
 }
 
 /// Remote + node (+ pods), with a daemon and a unique pin root. Dropped in reverse: pods, the
 /// daemon, pins, namespaces.
 pub struct Topology {
+    /// The families of the node, the remote and (by default) the pods.
+    pub stack: Stack,
     pub pods: Vec<Pod>,
     pub daemon: Option<Daemon>,
     pub pin_root: PathBuf,
@@ -239,8 +361,13 @@ pub fn daemon_binary() -> PathBuf {
 }
 
 impl Topology {
-    /// Node and remote joined by the uplink veth; no daemon yet.
+    /// Node and remote joined by the uplink veth, IPv4 only; no daemon yet.
     pub fn bare() -> Self {
+        Self::bare_with(Stack::V4)
+    }
+
+    /// Node and remote joined by the uplink veth, with the addresses of `stack`; no daemon yet.
+    pub fn bare_with(stack: Stack) -> Self {
         let node = Netns::new("psn");
         let remote = Netns::new("psr");
         let id = unique();
@@ -256,13 +383,39 @@ impl Topology {
             "netns",
             &remote.name,
         ]);
-        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", UPLINK]);
+        if stack.has(Family::V4) {
+            node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", UPLINK]);
+            remote.ip(&["addr", "add", &format!("{REMOTE_IP}/24"), "dev", "eth0"]);
+        }
+        if stack.has(Family::V6) {
+            // nodad: the addresses are usable at once (no duplicate detection on our own wire).
+            node.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{NODE_IP6}/64"),
+                "dev",
+                UPLINK,
+                "nodad",
+            ]);
+            remote.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{REMOTE_IP6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            // A Kubernetes node forwards (bpf_fib_lookup refuses to without it).
+            node.sysctl("net.ipv6.conf.all.forwarding", "1");
+        }
         node.ip(&["link", "set", UPLINK, "up"]);
-        remote.ip(&["addr", "add", &format!("{REMOTE_IP}/24"), "dev", "eth0"]);
         remote.ip(&["link", "set", "eth0", "up"]);
         // A Kubernetes node forwards (bpf_fib_lookup refuses to without it).
         node.sysctl("net.ipv4.ip_forward", "1");
         Self {
+            stack,
             pods: Vec::new(),
             daemon: None,
             pin_root: PathBuf::from(format!("/sys/fs/bpf/portslice-test-{id}")),
@@ -273,16 +426,26 @@ impl Topology {
         }
     }
 
-    /// A topology with the daemon running.
+    /// An IPv4 topology with the daemon running.
     #[allow(clippy::new_without_default)] // builds namespaces and starts a daemon: not a default
     pub fn new() -> Self {
-        let mut t = Self::bare();
+        Self::new_with(Stack::V4)
+    }
+
+    /// A topology of `stack` with the daemon running (sharing the node addresses of `stack`).
+    pub fn new_with(stack: Stack) -> Self {
+        let mut t = Self::bare_with(stack);
         t.start_daemon();
         t
     }
 
+    /// The node addresses the daemon shares.
+    pub fn node_addrs(&self) -> NodeAddrs {
+        self.stack.node_addrs()
+    }
+
     /// Starts `portslice daemon` in the node netns and waits until the datapath is pinned and
-    /// /healthz answers.
+    /// /readyz answers.
     pub fn start_daemon(&mut self) {
         self.start_daemon_with(&["--no-cni-install"]);
     }
@@ -298,14 +461,14 @@ impl Topology {
         std::env::temp_dir().join(format!("portslice-state-{}", self.id))
     }
 
-    /// The daemon's common arguments (uplink, node IP, pool, pin root, state dir).
+    /// The daemon's common arguments (uplink, node IPs, pool, pin root, state dir).
     pub fn daemon_args(&self) -> Vec<String> {
         [
             "daemon",
             "--uplink",
             UPLINK,
             "--node-ip",
-            &NODE_IP.to_string(),
+            &self.node_addrs().to_string(),
             "--pool",
             POOL,
             "--pin-root",
@@ -341,7 +504,7 @@ impl Topology {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if self
-                .metrics_get("/healthz")
+                .metrics_get("/readyz")
                 .is_some_and(|b| b.starts_with("ok"))
             {
                 return;
@@ -389,17 +552,24 @@ impl Topology {
         })
     }
 
-    /// Creates a pod netns wired with a plain veth; a slice pod also gets the node address,
-    /// routes, rules and `ip_local_port_range`. Attaches it to the datapath.
+    /// Creates a pod netns wired with a plain veth, with the topology's families; a slice pod
+    /// also gets the node addresses, routes, rules and `ip_local_port_range`. Attaches it to the
+    /// datapath.
     pub fn add_pod(&mut self, slice: Option<(u16, u16)>) -> &Pod {
-        self.add_pod_unattached(slice);
+        self.add_pod_with(slice, self.stack)
+    }
+
+    /// [`add_pod`](Self::add_pod) with the families of `stack` only (e.g. an IPv4-only pod on a
+    /// dual-stack node).
+    pub fn add_pod_with(&mut self, slice: Option<(u16, u16)>, stack: Stack) -> &Pod {
+        self.add_pod_unattached_with(slice, stack);
         let att = self.attachment(self.pods.len() - 1);
         self.with_datapath(move |dp| dp.attach_pod(&att).expect("attach_pod"));
         self.pods.last().unwrap()
     }
 
-    /// The attachment [`add_pod`](Self::add_pod) gives pod `i` (slice key `test/slice-<N>`, N the
-    /// last byte of its private address; TCP and UDP).
+    /// The attachment [`add_pod`](Self::add_pod) gives pod `i` (slice key `test/slice-<N>`, N its
+    /// number, the last byte of its private addresses; TCP and UDP).
     pub fn attachment(&self, i: usize) -> PodAttachment {
         let pod = &self.pods[i];
         PodAttachment {
@@ -407,7 +577,7 @@ impl Topology {
             host_veth_ifindex: pod.host_ifindex,
             pod_private_ip: pod.private_ip,
             slice: pod.range.map(|range| SliceBinding {
-                slice_key: format!("test/slice-{}", pod.private_ip.octets()[3]),
+                slice_key: format!("test/slice-{}", pod.n),
                 range,
                 protocols: vec![Protocol::TCP, Protocol::UDP],
             }),
@@ -416,75 +586,78 @@ impl Topology {
 
     /// Loads the first release's datapath (layout 1) into the node, as its daemon did; no
     /// daemon of this build runs yet.
-    pub fn start_layout1(&mut self) {
+    /// Loads the datapath of an earlier `release` (no daemon), as that release's daemon did.
+    pub fn start_release(&mut self, release: legacy::Release) {
         let root = self.pin_root.clone();
         self.node
-            .enter(move || legacy::load(&root, NODE_IP, UPLINK))
-            .unwrap_or_else(|e| panic!("loading the layout-1 datapath: {e}"));
+            .enter(move || legacy::load(release, &root, NODE_IP, UPLINK))
+            .unwrap_or_else(|e| panic!("loading the {release:?} datapath: {e}"));
     }
 
-    /// Like [`add_pod`](Self::add_pod), attached the way the first release did (layout 1).
-    pub fn add_pod_layout1(&mut self, slice: Option<(u16, u16)>) -> &Pod {
+    /// Like [`add_pod`](Self::add_pod), attached the way an earlier `release` did.
+    pub fn add_pod_release(&mut self, release: legacy::Release, slice: Option<(u16, u16)>) -> &Pod {
         self.add_pod_unattached(slice);
         let att = self.attachment(self.pods.len() - 1);
         let root = self.pin_root.clone();
         self.node
-            .enter(move || legacy::attach_pod(&root, &att))
-            .unwrap_or_else(|e| panic!("attaching under layout 1: {e}"));
+            .enter(move || legacy::attach_pod(release, &root, &att))
+            .unwrap_or_else(|e| panic!("attaching under {release:?}: {e}"));
         self.pods.last().unwrap()
     }
 
     /// Gives the remote another address on its uplink (a second source on the same wire).
-    pub fn add_remote_address(&self, ip: Ipv4Addr) {
-        self.remote
-            .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    pub fn add_remote_address(&self, ip: impl Into<IpAddr>) {
+        match ip.into() {
+            IpAddr::V4(ip) => self
+                .remote
+                .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]),
+            IpAddr::V6(ip) => self.remote.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]),
+        };
     }
 
     /// Like [`add_pod`](Self::add_pod) without attaching it to the datapath (a pod of a node
     /// without PortSlice, e.g. behind the reference portmap plugin).
     pub fn add_pod_unattached(&mut self, slice: Option<(u16, u16)>) -> &Pod {
+        self.add_pod_unattached_with(slice, self.stack)
+    }
+
+    /// [`add_pod_unattached`](Self::add_pod_unattached) with the families of `stack`.
+    pub fn add_pod_unattached_with(&mut self, slice: Option<(u16, u16)>, stack: Stack) -> &Pod {
         let n = self.next_pod;
         self.next_pod += 1;
         let ns = Netns::new("psp");
         let host_veth = format!("vh{n}");
-        let private_ip = Ipv4Addr::new(10, 244, 0, n as u8);
         self.node.ip(&[
             "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
         ]);
-        self.node
-            .ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &host_veth]);
         self.node.ip(&["link", "set", &host_veth, "up"]);
-        self.node.ip(&[
-            "route",
-            "add",
-            &format!("{private_ip}/32"),
-            "dev",
-            &host_veth,
-        ]);
-        ns.ip(&["addr", "add", &format!("{private_ip}/32"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&[
-            "route",
-            "add",
-            &format!("{GATEWAY}/32"),
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ]);
-        // What the primary plugin (ptp) leaves: a default route via the gateway.
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &GATEWAY.to_string(),
-            "dev",
-            "eth0",
-        ]);
+        let mut privates = Vec::new();
+        let private_ip = if stack.has(Family::V4) {
+            let ip = Ipv4Addr::new(10, 244, 0, n as u8);
+            veth_family(&self.node, &ns, &host_veth, GATEWAY.into(), ip.into());
+            privates.push(private_address(ip.into(), GATEWAY.into()));
+            ip
+        } else {
+            Ipv4Addr::UNSPECIFIED
+        };
+        let private_ip6 = stack.has(Family::V6).then(|| {
+            let ip = pod_ip6(n);
+            veth_family(&self.node, &ns, &host_veth, GATEWAY6.into(), ip.into());
+            privates.push(private_address(ip.into(), GATEWAY6.into()));
+            ip
+        });
         let range = slice.map(|(a, b)| PortRange { start: a, end: b });
         if let Some(r) = range {
-            wire_slice_pod(&ns, private_ip, r);
+            wire_slice_pod(&ns, &privates, r, &self.node_addrs());
         }
         let name = host_veth.clone();
         let host_ifindex = self
@@ -495,7 +668,9 @@ impl Topology {
             ns,
             host_veth,
             host_ifindex,
+            n,
             private_ip,
+            private_ip6,
             container_id,
             range,
         });
@@ -503,27 +678,78 @@ impl Topology {
     }
 }
 
-/// The wiring the CNI plugin gives a slice pod of this topology (docs/DESIGN.md, "The datapath").
-pub fn pod_wiring(private_ip: Ipv4Addr, range: PortRange) -> PodWiring {
-    PodWiring {
-        ifname: "eth0".into(),
-        node_ip: NODE_IP,
-        private: Ipv4Cidr {
-            addr: private_ip,
-            prefix: 32,
-        },
-        gateway: Some(GATEWAY),
-        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("a CIDR")],
-        range,
+/// One family of a plain veth pod, as ptp would leave it: the gateway on the host side, the
+/// pod's address and a host route to it, and in the pod a route to the gateway and the default
+/// route via it.
+fn veth_family(node: &Netns, pod: &Netns, host_veth: &str, gateway: IpAddr, private: IpAddr) {
+    let f = if gateway.is_ipv6() { "-6" } else { "-4" };
+    let bits = Family::of(gateway).bits();
+    // nodad (IPv6): usable at once; ignored for IPv4.
+    let add = |ns: &Netns, ip: IpAddr, dev: &str| {
+        let mut a = vec![f, "addr", "add"];
+        let cidr = format!("{ip}/{bits}");
+        a.extend([cidr.as_str(), "dev", dev]);
+        if ip.is_ipv6() {
+            a.push("nodad");
+        }
+        ns.ip(&a);
+    };
+    add(node, gateway, host_veth);
+    add(pod, private, "eth0");
+    node.ip(&[
+        f,
+        "route",
+        "add",
+        &format!("{private}/{bits}"),
+        "dev",
+        host_veth,
+    ]);
+    pod.ip(&[
+        f,
+        "route",
+        "add",
+        &format!("{gateway}/{bits}"),
+        "dev",
+        "eth0",
+    ]);
+    pod.ip(&[
+        f,
+        "route",
+        "add",
+        "default",
+        "via",
+        &gateway.to_string(),
+        "dev",
+        "eth0",
+    ]);
+}
+
+fn private_address(ip: IpAddr, gateway: IpAddr) -> PrivateAddress {
+    let bits = Family::of(ip).bits();
+    PrivateAddress {
+        cidr: format!("{ip}/{bits}").parse().expect("a host CIDR"),
+        gateway: Some(gateway),
     }
 }
 
-/// Wires a slice pod's netns with the plugin's own code: node address /32, default route from it,
-/// cluster CIDR from the private address, policy rules, ephemeral range = slice.
-pub fn wire_slice_pod(ns: &Netns, private_ip: Ipv4Addr, range: PortRange) {
-    let w = pod_wiring(private_ip, range);
+/// The wiring the CNI plugin gives a slice pod of this topology with private addresses
+/// `privates` on a node sharing `node` (docs/DESIGN.md, "The datapath").
+pub fn pod_wiring(privates: &[PrivateAddress], range: PortRange, node: &NodeAddrs) -> PodWiring {
+    let cluster: Vec<IpCidr> = [CLUSTER_CIDR4, CLUSTER_CIDR6]
+        .iter()
+        .map(|c| c.parse().expect("a CIDR"))
+        .collect();
+    PodWiring::new("eth0", range, node, privates, &cluster)
+}
+
+/// Wires a slice pod's netns with the plugin's own code: node addresses (/32, /128), default
+/// routes from them, cluster CIDRs from the private addresses, policy rules, ephemeral range =
+/// slice.
+pub fn wire_slice_pod(ns: &Netns, privates: &[PrivateAddress], range: PortRange, node: &NodeAddrs) {
+    let w = pod_wiring(privates, range, node);
+    let name = ns.name.clone();
     in_netns(&ns.path(), move || wiring::apply(&w))
-        .unwrap_or_else(|e| panic!("wiring the slice pod {private_ip}: {e}"));
+        .unwrap_or_else(|e| panic!("wiring the slice pod {name}: {e}"));
 }
 
 impl Drop for Topology {
@@ -568,6 +794,26 @@ pub fn drop_conntrack_invalid(ns: &Netns) {
     for chain in ["INPUT", "FORWARD"] {
         ns.run(
             "iptables",
+            &[
+                "-A",
+                chain,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "INVALID",
+                "-j",
+                "DROP",
+            ],
+        );
+    }
+}
+
+/// [`drop_conntrack_invalid`] for IPv6 (ip6tables): conntrack then tracks every IPv6 packet
+/// the host stack sees, as kube-proxy's IPv6 rules make it on a dual-stack node.
+pub fn drop_conntrack_invalid6(ns: &Netns) {
+    for chain in ["INPUT", "FORWARD"] {
+        ns.run(
+            "ip6tables",
             &[
                 "-A",
                 chain,

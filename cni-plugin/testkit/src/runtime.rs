@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::{NODE_IP, Netns, Topology, daemon_binary, unique};
+use crate::{NODE_IP, NODE_IP6, Netns, Stack, Topology, daemon_binary, unique};
 
 /// Where Debian's containernetworking-plugins live.
 pub const REF_PLUGINS: &str = "/usr/lib/cni";
@@ -57,6 +57,9 @@ pub fn cni_path(version: &str) -> String {
 /// Pods' private addresses come from here; the cluster CIDR the slice pods route privately.
 pub const POD_SUBNET: &str = "10.245.0.0/24";
 pub const CLUSTER_CIDR: &str = "10.245.0.0/16";
+/// The same for IPv6 (ULA, inside our namespaces only).
+pub const POD_SUBNET6: &str = "fd00:245::/64";
+pub const CLUSTER_CIDR6: &str = "fd00:245::/56";
 
 /// One plugin execution.
 #[derive(Debug, Clone)]
@@ -175,36 +178,65 @@ pub struct Conflist {
 impl Conflist {
     /// `ptp` + `host-local` (IPAM state in `ipam_dir`), then `portslice` with `extra` fields.
     pub fn ptp(version: &str, ipam_dir: &Path, portslice: Value) -> Self {
+        Self::ptp_with(version, ipam_dir, portslice, Stack::V4)
+    }
+
+    /// [`ptp`](Self::ptp) whose pods get addresses of `stack` ([`POD_SUBNET`], [`POD_SUBNET6`]).
+    pub fn ptp_with(version: &str, ipam_dir: &Path, portslice: Value, stack: Stack) -> Self {
         Self::primary_then_portslice(
             version,
             json!({"type": "ptp", "ipMasq": false}),
             ipam_dir,
             portslice,
+            stack,
         )
     }
 
     /// `bridge` + `host-local`, then `portslice`.
     pub fn bridge(version: &str, ipam_dir: &Path, bridge: &str, portslice: Value) -> Self {
+        Self::bridge_with(version, ipam_dir, bridge, portslice, Stack::V4)
+    }
+
+    /// [`bridge`](Self::bridge) whose pods get addresses of `stack`.
+    pub fn bridge_with(
+        version: &str,
+        ipam_dir: &Path,
+        bridge: &str,
+        portslice: Value,
+        stack: Stack,
+    ) -> Self {
         Self::primary_then_portslice(
             version,
             json!({"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false}),
             ipam_dir,
             portslice,
+            stack,
         )
     }
 
-    /// `primary` with `host-local` IPAM from [`POD_SUBNET`] (state in `ipam_dir`), then
-    /// `portslice`.
+    /// `primary` with `host-local` IPAM from [`POD_SUBNET`] and/or [`POD_SUBNET6`] (state in
+    /// `ipam_dir`), then `portslice`.
     fn primary_then_portslice(
         version: &str,
         mut primary: Value,
         ipam_dir: &Path,
         portslice: Value,
+        stack: Stack,
     ) -> Self {
+        let mut ranges = Vec::new();
+        let mut routes = Vec::new();
+        if stack.has(portslice_netns::Family::V4) {
+            ranges.push(json!([{"subnet": POD_SUBNET}]));
+            routes.push(json!({"dst": "0.0.0.0/0"}));
+        }
+        if stack.has(portslice_netns::Family::V6) {
+            ranges.push(json!([{"subnet": POD_SUBNET6}]));
+            routes.push(json!({"dst": "::/0"}));
+        }
         primary["ipam"] = json!({
             "type": "host-local",
-            "ranges": [[{"subnet": POD_SUBNET}]],
-            "routes": [{"dst": "0.0.0.0/0"}],
+            "ranges": ranges,
+            "routes": routes,
             "dataDir": ipam_dir,
         });
         Self {
@@ -249,12 +281,25 @@ impl Conflist {
     }
 }
 
-/// The portslice entry the node daemon would write, for the topology `t`.
+/// The portslice entry the node daemon would write, for the topology `t`: its node addresses
+/// (one as a string, both as a list) and the cluster CIDRs of its families.
 pub fn portslice_conf(t: &Topology) -> Value {
+    let node: Vec<String> = t.node_addrs().iter().map(|a| a.to_string()).collect();
+    let node_ip = match node.as_slice() {
+        [one] => json!(one),
+        _ => json!(node),
+    };
+    let mut cidrs = Vec::new();
+    if t.stack.has(portslice_netns::Family::V4) {
+        cidrs.push(CLUSTER_CIDR);
+    }
+    if t.stack.has(portslice_netns::Family::V6) {
+        cidrs.push(CLUSTER_CIDR6);
+    }
     json!({
         "type": "portslice",
-        "nodeIP": NODE_IP.to_string(),
-        "clusterCIDRs": [CLUSTER_CIDR],
+        "nodeIP": node_ip,
+        "clusterCIDRs": cidrs,
         "pinRoot": t.pin_root,
         "stateDir": t.state_dir(),
     })
@@ -323,14 +368,45 @@ impl CniPod {
         .collect()
     }
 
-    /// The pod's private address from the cached result.
-    pub fn private_ip(&self) -> Ipv4Addr {
+    /// The addresses of the cached result, in its order.
+    fn result_ips(&self) -> Vec<IpAddr> {
         let r = self.result.as_ref().expect("pod has no result");
-        let addr = r["ips"][0]["address"].as_str().expect("address");
-        addr.split('/')
-            .next()
-            .and_then(|a| a.parse().ok())
-            .expect("IPv4")
+        r["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
+            .collect()
+    }
+
+    /// The pod's private IPv4 address from the cached result (the first IPv4 of it).
+    pub fn private_ip(&self) -> Ipv4Addr {
+        self.result_ips()
+            .into_iter()
+            .find_map(|a| match a {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            })
+            .expect("the pod has an IPv4 address")
+    }
+
+    /// The pod's private IPv6 address from the cached result (the first IPv6 of it).
+    pub fn private_ip6(&self) -> Ipv6Addr {
+        self.result_ips()
+            .into_iter()
+            .find_map(|a| match a {
+                IpAddr::V6(a) => Some(a),
+                IpAddr::V4(_) => None,
+            })
+            .expect("the pod has an IPv6 address")
+    }
+
+    /// Its private address of `f`.
+    pub fn private(&self, f: portslice_netns::Family) -> IpAddr {
+        match f {
+            portslice_netns::Family::V4 => self.private_ip().into(),
+            portslice_netns::Family::V6 => self.private_ip6().into(),
+        }
     }
 }
 
@@ -445,26 +521,30 @@ impl Drop for TempDir {
     }
 }
 
-/// What PortSlice may have left in a pod's netns: the node address, rules marked proto 83,
-/// a moved local rule, a default route with `src <node IP>`. Empty when clean.
+/// What PortSlice may have left in a pod's netns, IPv4 and IPv6: the node address, rules marked
+/// proto 83, a moved local rule, a default route with `src <node IP>`. Empty when clean.
 pub fn leftovers(ns: &Netns) -> Vec<String> {
     let mut out = Vec::new();
-    let node = NODE_IP.to_string();
-    let addrs = ns.ip(&["-4", "addr"]);
-    if addrs.contains(&format!("{node}/32")) {
-        out.push(format!("node address still there: {addrs}"));
-    }
-    let rules = ns.ip(&["-4", "rule"]);
-    if rules.contains("proto 83")
-        || !rules
-            .lines()
-            .any(|l| l.starts_with("0:") && l.contains("lookup local"))
-    {
-        out.push(format!("rules not restored: {rules}"));
-    }
-    let routes = ns.ip(&["-4", "route"]);
-    if routes.contains(&format!("src {node}")) || routes.contains("proto 83") {
-        out.push(format!("routes not restored: {routes}"));
+    for (f, node, bits) in [
+        ("-4", NODE_IP.to_string(), 32),
+        ("-6", NODE_IP6.to_string(), 128),
+    ] {
+        let addrs = ns.ip(&[f, "addr"]);
+        if addrs.contains(&format!("{node}/{bits}")) {
+            out.push(format!("node address still there: {addrs}"));
+        }
+        let rules = ns.ip(&[f, "rule"]);
+        if rules.contains("proto 83")
+            || !rules
+                .lines()
+                .any(|l| l.starts_with("0:") && l.contains("lookup local"))
+        {
+            out.push(format!("{f} rules not restored: {rules}"));
+        }
+        let routes = ns.ip(&[f, "route"]);
+        if routes.contains(&format!("src {node}")) || routes.contains("proto 83") {
+            out.push(format!("{f} routes not restored: {routes}"));
+        }
     }
     out
 }

@@ -1,10 +1,11 @@
 //! Real traffic for the tests: tiny echo servers and clients on std sockets opened inside a
-//! netns, and raw ICMP echo with a chosen id.
+//! netns (either family: addresses are `IpAddr`/`SocketAddr`), and raw ICMP echo with a chosen
+//! id. The ICMPv6 and crafted-IPv6 counterparts of the raw helpers are in [`crate::icmp6`].
 #![allow(dead_code)]
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -23,6 +24,16 @@ pub struct Server {
     handle: Option<JoinHandle<()>>,
 }
 
+impl Server {
+    /// A server whose thread `handle` runs until `stop` is set.
+    pub(crate) fn new(stop: Arc<AtomicBool>, handle: JoinHandle<()>) -> Self {
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -32,8 +43,9 @@ impl Drop for Server {
     }
 }
 
-/// TCP echo server on `ip:port` inside `ns`.
-pub fn tcp_server(ns: &Netns, ip: Ipv4Addr, port: u16, tag: &str) -> Server {
+/// TCP echo server on `ip:port` inside `ns` (`::` also hears IPv4, as mapped addresses).
+pub fn tcp_server(ns: &Netns, ip: impl Into<IpAddr>, port: u16, tag: &str) -> Server {
+    let ip = ip.into();
     let l = ns.enter(move || TcpListener::bind((ip, port)).expect("bind tcp server"));
     l.set_nonblocking(true).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -63,7 +75,8 @@ pub fn tcp_server(ns: &Netns, ip: Ipv4Addr, port: u16, tag: &str) -> Server {
 
 /// UDP echo server on `ip:port` inside `ns`; answers datagrams of any size with the header line
 /// followed by the byte count received.
-pub fn udp_server(ns: &Netns, ip: Ipv4Addr, port: u16, tag: &str) -> Server {
+pub fn udp_server(ns: &Netns, ip: impl Into<IpAddr>, port: u16, tag: &str) -> Server {
+    let ip = ip.into();
     let sock = ns.enter(move || UdpSocket::bind((ip, port)).expect("bind udp server"));
     sock.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
@@ -92,13 +105,13 @@ pub fn udp_server(ns: &Netns, ip: Ipv4Addr, port: u16, tag: &str) -> Server {
 /// Connects from inside `ns` (optionally from `bind`), sends "hi", returns the echo line.
 pub fn tcp_request(
     ns: &Netns,
-    dst: SocketAddrV4,
-    bind: Option<SocketAddrV4>,
+    dst: impl Into<SocketAddr>,
+    bind: Option<SocketAddr>,
 ) -> Result<String, String> {
+    let dst = dst.into();
     ns.enter(move || {
         let mut c = match bind {
-            None => TcpStream::connect_timeout(&SocketAddr::V4(dst), TIMEOUT)
-                .map_err(|e| e.to_string())?,
+            None => TcpStream::connect_timeout(&dst, TIMEOUT).map_err(|e| e.to_string())?,
             Some(b) => connect_from(b, dst)?,
         };
         c.set_read_timeout(Some(TIMEOUT))
@@ -116,22 +129,61 @@ pub fn tcp_request(
     })
 }
 
+/// A `sockaddr_in`/`sockaddr_in6` for `a`, as raw bytes with their length.
+fn raw_sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    #[allow(unsafe_code)]
+    let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::ptr::write((&mut st as *mut libc::sockaddr_storage).cast(), sin)
+            };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in6 and suitably aligned.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::ptr::write((&mut st as *mut libc::sockaddr_storage).cast(), sin6)
+            };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (st, len as libc::socklen_t)
+}
+
 /// A TCP connect from a chosen local address (std cannot bind before connect).
 #[allow(unsafe_code)]
-fn connect_from(bind: SocketAddrV4, dst: SocketAddrV4) -> Result<TcpStream, String> {
+fn connect_from(bind: SocketAddr, dst: SocketAddr) -> Result<TcpStream, String> {
     use std::os::fd::FromRawFd;
-    let sin = |a: SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(a.ip().octets()),
-        },
-        sin_zero: [0; 8],
+    let domain = if bind.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
     };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
     // SAFETY: plain socket calls on a fresh fd that the TcpStream then owns.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let fd = libc::socket(domain, libc::SOCK_STREAM, 0);
         if fd < 0 {
             return Err(std::io::Error::last_os_error().to_string());
         }
@@ -146,12 +198,12 @@ fn connect_from(bind: SocketAddrV4, dst: SocketAddrV4) -> Result<TcpStream, Stri
         );
         // A blocking connect gives up after SO_SNDTIMEO.
         stream.set_write_timeout(Some(TIMEOUT)).ok();
-        let b = sin(bind);
-        if libc::bind(fd, (&b as *const libc::sockaddr_in).cast(), len) < 0 {
+        let (b, blen) = raw_sockaddr(bind);
+        if libc::bind(fd, (&b as *const libc::sockaddr_storage).cast(), blen) < 0 {
             return Err(format!("bind {bind}: {}", std::io::Error::last_os_error()));
         }
-        let d = sin(dst);
-        if libc::connect(fd, (&d as *const libc::sockaddr_in).cast(), len) < 0 {
+        let (d, dlen) = raw_sockaddr(dst);
+        if libc::connect(fd, (&d as *const libc::sockaddr_storage).cast(), dlen) < 0 {
             return Err(format!(
                 "connect {dst}: {}",
                 std::io::Error::last_os_error()
@@ -164,10 +216,11 @@ fn connect_from(bind: SocketAddrV4, dst: SocketAddrV4) -> Result<TcpStream, Stri
 /// Sends one datagram of `size` bytes from `bind` inside `ns` to `dst`; returns the reply.
 pub fn udp_request(
     ns: &Netns,
-    bind: SocketAddrV4,
-    dst: SocketAddrV4,
+    bind: impl Into<SocketAddr>,
+    dst: impl Into<SocketAddr>,
     size: usize,
 ) -> Result<String, String> {
+    let (bind, dst) = (bind.into(), dst.into());
     ns.enter(move || {
         let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(TIMEOUT))
@@ -181,24 +234,27 @@ pub fn udp_request(
     })
 }
 
-/// Reads `/proc/net`-independent: a raw ICMP echo with a chosen id from inside `ns`; Ok(true)
-/// when an echo reply with that id and sequence came back from `dst`.
-pub fn ping_with_id(ns: &Netns, dst: Ipv4Addr, id: u16, seq: u16) -> Result<bool, String> {
-    ns.enter(move || raw_ping(dst, id, seq, TIMEOUT))
+/// A raw ICMP (or ICMPv6) echo with a chosen id from inside `ns`; Ok(true) when an echo reply
+/// with that id and sequence came back from `dst`.
+pub fn ping_with_id(ns: &Netns, dst: impl Into<IpAddr>, id: u16, seq: u16) -> Result<bool, String> {
+    ping_with_id_waiting(ns, dst, id, seq, TIMEOUT)
 }
 
 /// [`ping_with_id`], waiting up to `timeout` for the reply (for a remote that holds it back).
 pub fn ping_with_id_waiting(
     ns: &Netns,
-    dst: Ipv4Addr,
+    dst: impl Into<IpAddr>,
     id: u16,
     seq: u16,
     timeout: Duration,
 ) -> Result<bool, String> {
-    ns.enter(move || raw_ping(dst, id, seq, timeout))
+    match dst.into() {
+        IpAddr::V4(dst) => ns.enter(move || raw_ping(dst, id, seq, timeout)),
+        IpAddr::V6(dst) => ns.enter(move || crate::icmp6::raw_ping6(dst, id, seq, timeout)),
+    }
 }
 
-fn csum(b: &[u8]) -> u16 {
+pub(crate) fn csum(b: &[u8]) -> u16 {
     let mut s: u32 = 0;
     for c in b.chunks(2) {
         let w = if c.len() == 2 {
@@ -393,9 +449,10 @@ pub fn icmp_responder(ns: &Netns, expect: usize) -> JoinHandle<Vec<(Ipv4Addr, u1
 /// A UDP server that only counts datagrams (to prove something did *not* arrive).
 pub fn udp_counter(
     ns: &Netns,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
 ) -> (Server, Arc<std::sync::atomic::AtomicUsize>) {
+    let ip = ip.into();
     let sock = ns.enter(move || UdpSocket::bind((ip, port)).expect("bind udp counter"));
     sock.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
@@ -422,9 +479,10 @@ pub fn udp_counter(
 /// A TCP listener that only counts accepted connections.
 pub fn tcp_counter(
     ns: &Netns,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
 ) -> (Server, Arc<std::sync::atomic::AtomicUsize>) {
+    let ip = ip.into();
     let l = ns.enter(move || TcpListener::bind((ip, port)).expect("bind tcp counter"));
     l.set_nonblocking(true).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -450,7 +508,12 @@ pub fn tcp_counter(
 }
 
 /// Sends one UDP datagram from `bind` (fire and forget); Err when the send itself fails.
-pub fn udp_send(ns: &Netns, bind: SocketAddrV4, dst: SocketAddrV4) -> Result<(), String> {
+pub fn udp_send(
+    ns: &Netns,
+    bind: impl Into<SocketAddr>,
+    dst: impl Into<SocketAddr>,
+) -> Result<(), String> {
+    let (bind, dst) = (bind.into(), dst.into());
     ns.enter(move || {
         let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
         s.send_to(b"hostile", dst)
@@ -461,9 +524,11 @@ pub fn udp_send(ns: &Netns, bind: SocketAddrV4, dst: SocketAddrV4) -> Result<(),
 
 /// A connected UDP socket sends to a closed port; Ok(true) when the ICMP port-unreachable came
 /// back to it (recv fails with ECONNREFUSED).
-pub fn udp_sees_port_unreachable(ns: &Netns, dst: SocketAddrV4) -> Result<bool, String> {
+pub fn udp_sees_port_unreachable(ns: &Netns, dst: impl Into<SocketAddr>) -> Result<bool, String> {
+    let dst = dst.into();
     ns.enter(move || {
-        let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        let any = if dst.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let s = UdpSocket::bind(any).map_err(|e| e.to_string())?;
         s.connect(dst).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(TIMEOUT))
             .map_err(|e| e.to_string())?;
@@ -910,9 +975,10 @@ pub fn echo_holder(ns: &Netns) -> EchoHolder {
 /// A UDP server that records the size of every datagram it receives.
 pub fn udp_sizes(
     ns: &Netns,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
 ) -> (Server, Arc<std::sync::Mutex<Vec<usize>>>) {
+    let ip = ip.into();
     let sock = ns.enter(move || UdpSocket::bind((ip, port)).expect("bind udp sizes"));
     sock.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();

@@ -8,65 +8,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
+use portslice_testkit::Family;
+use portslice_testkit::cni_node::CniNode;
 use portslice_testkit::rows::{self, A, ANY, B, HOSTILE, peer, sa};
-use portslice_testkit::runtime::{CniPod, Conflist, Runtime, TempDir, portslice_conf};
 use portslice_testkit::traffic::{tcp_request, tcp_server, udp_request, udp_server};
-use portslice_testkit::{NODE_IP, Netns, Topology, require_root};
-
-/// A node whose pods are all created by the CNI chain.
-struct CniNode {
-    ipam: TempDir,
-    list: Conflist,
-    pods: Vec<CniPod>,
-    t: Topology,
-}
-
-impl CniNode {
-    fn new() -> Self {
-        let t = Topology::new();
-        let ipam = TempDir::new("ipam");
-        let list = Conflist::ptp("1.0.0", &ipam.0, portslice_conf(&t));
-        Self {
-            ipam,
-            list,
-            pods: Vec::new(),
-            t,
-        }
-    }
-
-    /// ADD a pod through the chain; `slice` as the runtime would give it (CNI_ARGS).
-    fn add(&mut self, slice: Option<(u16, u16)>) -> usize {
-        let args = slice
-            .map(|(a, b)| format!("PORTSLICE_RANGE={a}-{b}"))
-            .unwrap_or_default();
-        let mut pod = CniPod::new(&args);
-        let rt = Runtime {
-            node: &self.t.node,
-            list: self.list.clone(),
-        };
-        rt.add(&mut pod)
-            .unwrap_or_else(|e| panic!("CNI ADD: {e:?}"));
-        self.pods.push(pod);
-        self.pods.len() - 1
-    }
-
-    fn ns(&self, i: usize) -> &Netns {
-        &self.pods[i].ns
-    }
-}
-
-impl Drop for CniNode {
-    fn drop(&mut self) {
-        let rt = Runtime {
-            node: &self.t.node,
-            list: self.list.clone(),
-        };
-        for pod in &self.pods {
-            let _ = rt.del(pod);
-        }
-        let _ = &self.ipam;
-    }
-}
+use portslice_testkit::{NODE_IP, require_root};
 
 #[test]
 fn row1_remote_reaches_the_cni_slice_pod_on_node_ip() {
@@ -75,7 +21,7 @@ fn row1_remote_reaches_the_cni_slice_pod_on_node_ip() {
     }
     let mut n = CniNode::new();
     let a = n.add(Some(A));
-    rows::row1_remote_reaches_slice_pod(&n.t, n.ns(a));
+    rows::row1_remote_reaches_slice_pod(&n.t, n.ns(a), Family::V4);
 }
 
 #[test]
@@ -85,7 +31,7 @@ fn row2_cni_slice_pod_reaches_remote_from_node_ip_and_its_own_ports() {
     }
     let mut n = CniNode::new();
     let a = n.add(Some(A));
-    rows::row2_slice_pod_reaches_remote_from_its_own_ports(&n.t, n.ns(a));
+    rows::row2_slice_pod_reaches_remote_from_its_own_ports(&n.t, n.ns(a), Family::V4);
 }
 
 #[test]
@@ -117,7 +63,12 @@ fn row4_other_cni_pod_reaches_the_slice_pod_on_node_ip() {
     let mut n = CniNode::new();
     let a = n.add(Some(A));
     let other = n.add(None);
-    rows::row4_other_pod_reaches_slice_pod(n.ns(a), n.ns(other), n.pods[other].private_ip());
+    rows::row4_other_pod_reaches_slice_pod(
+        n.ns(a),
+        n.ns(other),
+        n.pods[other].private_ip(),
+        Family::V4,
+    );
 }
 
 #[test]
@@ -127,7 +78,7 @@ fn row5_host_process_and_cni_slice_pod_reach_each_other() {
     }
     let mut n = CniNode::new();
     let a = n.add(Some(A));
-    rows::row5_host_process_and_slice_pod_reach_each_other(&n.t, n.ns(a));
+    rows::row5_host_process_and_slice_pod_reach_each_other(&n.t, n.ns(a), Family::V4);
 }
 
 #[test]
@@ -138,7 +89,7 @@ fn row6_hairpin_between_two_cni_slice_pods() {
     let mut n = CniNode::new();
     let a = n.add(Some(A));
     let b = n.add(Some(B));
-    rows::row6_hairpin_between_two_slices(n.ns(a), n.ns(b));
+    rows::row6_hairpin_between_two_slices(n.ns(a), n.ns(b), Family::V4);
 }
 
 #[test]
@@ -148,7 +99,7 @@ fn row7_remote_reaches_host_ports_outside_every_slice() {
     }
     let mut n = CniNode::new();
     let _a = n.add(Some(A));
-    rows::row7_remote_reaches_host_ports_outside_every_slice(&n.t);
+    rows::row7_remote_reaches_host_ports_outside_every_slice(&n.t, Family::V4);
 }
 
 #[test]
@@ -158,7 +109,7 @@ fn row8_ping_and_icmp_errors_reach_the_cni_slice_pod() {
     }
     let mut n = CniNode::new();
     let a = n.add(Some(A));
-    rows::row8_ping_and_icmp_errors_reach_the_slice_pod(n.ns(a));
+    rows::row8_ping_and_icmp_errors_reach_the_slice_pod(n.ns(a), Family::V4);
 }
 
 #[test]
@@ -169,7 +120,12 @@ fn row9_a_hostile_cni_pod_gets_nothing_through_outside_its_range() {
     let mut n = CniNode::new();
     let _victim = n.add(Some(A));
     let hostile = n.add(Some(HOSTILE));
-    rows::row9_hostile_pod_gets_nothing_through_outside_its_range(&n.t, n.ns(hostile), None);
+    rows::row9_hostile_pod_gets_nothing_through_outside_its_range(
+        &n.t,
+        n.ns(hostile),
+        None,
+        Family::V4,
+    );
 }
 
 #[test]
@@ -179,7 +135,7 @@ fn row10_host_never_picks_a_pool_port_while_cni_pods_run() {
     }
     let mut n = CniNode::new();
     let _a = n.add(Some(A));
-    rows::row10_host_never_picks_a_pool_port_as_ephemeral(&n.t);
+    rows::row10_host_never_picks_a_pool_port_as_ephemeral(&n.t, Family::V4);
 }
 
 #[test]
@@ -189,7 +145,7 @@ fn row11_fragmented_udp_reaches_the_cni_slice_pod_whole() {
     }
     let mut n = CniNode::new();
     let a = n.add(Some(A));
-    rows::row11_fragmented_udp_arrives_whole_both_ways(&n.t, n.ns(a));
+    rows::row11_fragmented_udp_arrives_whole_both_ways(&n.t, n.ns(a), Family::V4);
 }
 
 #[test]
@@ -200,7 +156,12 @@ fn row12_two_cni_slice_pods_ping_the_same_remote_with_the_same_id() {
     let mut n = CniNode::new();
     let a = n.add(Some(A));
     let b = n.add(Some(B));
-    rows::row12_two_slice_pods_ping_the_same_remote_with_the_same_id(&n.t, n.ns(a), n.ns(b));
+    rows::row12_two_slice_pods_ping_the_same_remote_with_the_same_id(
+        &n.t,
+        n.ns(a),
+        n.ns(b),
+        Family::V4,
+    );
 }
 
 #[test]

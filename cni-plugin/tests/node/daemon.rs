@@ -380,6 +380,9 @@ fn an_old_daemon_in_its_grace_period_does_not_overwrite_the_new_ones_kubeconfig(
             ca.to_str().unwrap(),
             "--api-server",
             "https://198.18.0.1:6443",
+            // No API server answers there: nothing to detect the CIDRs from.
+            "--cluster-cidrs",
+            "10.244.0.0/16",
         ]);
     };
     let has = |token: &str| {

@@ -13,6 +13,7 @@ use std::{
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData};
 use portslice_datapath::{SourceCidr, abi, layout};
+use portslice_testkit::Family;
 use portslice_testkit::rows::{self, A, ANY, B, HOSTILE, in_range, sa};
 use portslice_testkit::traffic::{
     drain, echo_holder, echo_request, icmp_error, icmp_log, ping_with_id, ping_with_id_waiting,
@@ -172,7 +173,7 @@ fn slice_pod_sends_icmp_errors_only_about_its_own_flows() {
     assert_eq!(dropped, forged.len() as u64, "per-pod icmp_error drops");
     assert!(node_event(&t, "drop_icmp_error") >= forged.len() as u64);
     // The victim's own errors and its PMTU are untouched (row 8 still holds).
-    rows::row8_ping_and_icmp_errors_reach_the_slice_pod(&t.pods[0].ns);
+    rows::row8_ping_and_icmp_errors_reach_the_slice_pod(&t.pods[0].ns, Family::V4);
 }
 
 /// The host's own pings keep their replies: an echo id of a slice's range is the pod's only
@@ -318,7 +319,7 @@ fn floods_from_a_pod_and_a_remote_leave_another_pods_echo_and_fragment_state_alo
     // 5. While the hostile pod's share is still full, the victim's new datagrams and pings work.
     t.remote.sysctl("net.ipv4.icmp_echo_ignore_all", "0");
     drop(srv);
-    rows::row11_fragmented_udp_arrives_whole_both_ways(&t, &t.pods[0].ns);
+    rows::row11_fragmented_udp_arrives_whole_both_ways(&t, &t.pods[0].ns, Family::V4);
     assert_eq!(ping_with_id(&t.pods[0].ns, REMOTE_IP, 778, 2), Ok(true));
     // Complete datagrams hold no share: the victim's entries are gone.
     assert_eq!(frag_entries_of(&t, t.pods[0].host_ifindex), 0);
@@ -361,7 +362,7 @@ fn allowed_sources_filter_remote_traffic_per_slice_and_edits_never_open_it() {
         })
     };
     let reaches = |t: &Topology, from: Ipv4Addr| {
-        let tcp = tcp_request(&t.remote, sa(NODE_IP, 40010), Some(sa(from, 0)));
+        let tcp = tcp_request(&t.remote, sa(NODE_IP, 40010), Some(sa(from, 0).into()));
         let udp = udp_request(&t.remote, sa(from, 0), sa(NODE_IP, 40010), 10);
         match (tcp, udp) {
             (Ok(a), Ok(b)) if a.starts_with("pod ") && b.starts_with("pod ") => true,

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 
 use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -166,6 +166,21 @@ impl KubeNs {
         });
     }
 
+    /// Writes `namedPorts` into the PortSlice's status, as the operator would.
+    fn set_named_ports(&self, name: &str, ports: &[(&str, &str, u16)]) {
+        self.rt.block_on(async {
+            let api: Api<PortSlice> = Api::namespaced(self.client.clone(), &self.name);
+            let named: Vec<_> = ports
+                .iter()
+                .map(|(n, p, port)| json!({"name": n, "protocol": p, "port": port, "count": 1}))
+                .collect();
+            let patch = json!({"status": {"namedPorts": named}});
+            api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .expect("set namedPorts");
+        });
+    }
+
     /// A Pod object named like the CNI pod, with the annotation (or none).
     fn pod(&self, name: &str, slice: Option<&str>) {
         self.rt.block_on(async {
@@ -191,6 +206,7 @@ impl Drop for KubeNs {
                     .delete(o, &dp)
                     .await;
                 let _ = Api::<ClusterRole>::all(client.clone()).delete(o, &dp).await;
+                let _ = Api::<Node>::all(client.clone()).delete(o, &dp).await;
             }
             let nss: Api<Namespace> = Api::all(client);
             let _ = nss.delete(&name, &DeleteParams::default()).await;
@@ -408,6 +424,22 @@ impl KubeNs {
         })
     }
 
+    /// A Node object `name` with `spec.podCIDRs` (no kubelet behind it: what the daemon reads).
+    fn node(&self, name: &str, pod_cidrs: &[&str]) {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"podCIDR": pod_cidrs[0], "podCIDRs": pod_cidrs}
+        }))
+        .expect("node");
+        self.rt.block_on(async {
+            Api::<Node>::all(self.client.clone())
+                .create(&PostParams::default(), &node)
+                .await
+                .expect("create a Node");
+        });
+        self.cluster_objects.borrow_mut().push(name.to_string());
+    }
+
     fn delete_pod(&self, name: &str) {
         self.rt.block_on(async {
             let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.name);
@@ -424,6 +456,53 @@ impl KubeNs {
     }
 }
 
+/// A node daemon started in `t`'s node with the chart's node rights on the test API server
+/// (through a relay, as a pod reaches it through its Service), writing the plugin's kubeconfig.
+struct ApiDaemon {
+    _relay: Relay,
+    _dir: TempDir,
+    /// The plugin's kubeconfig the daemon writes.
+    kubeconfig_out: std::path::PathBuf,
+    token_file: std::path::PathBuf,
+    node_sa: String,
+}
+
+impl ApiDaemon {
+    fn start(kns: &KubeNs, t: &mut Topology, kc: &str, anchor: &str, extra: &[&str]) -> Self {
+        let node_sa = kns.node_sa_from_chart();
+        let dir = TempDir::new("api-daemon");
+        let target = relayed_kubeconfig(kc, 0, &dir.0.join("relayed"));
+        let relay = Relay::start(&t.node, target);
+        let token_file = dir.0.join("token");
+        std::fs::write(&token_file, kns.bound_token(&node_sa, anchor)).unwrap();
+        let out = dir.0.join("cni-kubeconfig");
+        let ca = Path::new(kc)
+            .parent()
+            .expect("kubeconfig dir")
+            .join("ca.crt");
+        let server = format!("https://127.0.0.1:{}", relay.port);
+        let mut args = vec![
+            "--kubeconfig-out",
+            out.to_str().unwrap(),
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--ca-file",
+            ca.to_str().unwrap(),
+            "--api-server",
+            &server,
+        ];
+        args.extend_from_slice(extra);
+        t.start_daemon_with(&args);
+        Self {
+            _relay: relay,
+            _dir: dir,
+            kubeconfig_out: out,
+            token_file,
+            node_sa,
+        }
+    }
+}
+
 /// The daemon keeps the plugin's kubeconfig on the current token: when the token it was written
 /// from dies (here its bound Pod goes; in a cluster it expires) and the kubelet rotates the file,
 /// slice pods' ADD keeps working on the real API server.
@@ -437,30 +516,9 @@ fn the_daemon_follows_the_rotating_token_and_add_keeps_working() {
     };
     let kns = KubeNs::new();
     kns.slice("media", Some((42300, 42399)));
-    let node_sa = kns.node_sa_from_chart();
     let mut t = Topology::bare();
-    let dir = TempDir::new("token");
-    let relay_kc = dir.0.join("relayed");
-    let target = relayed_kubeconfig(&kc, 0, &relay_kc);
-    let relay = Relay::start(&t.node, target);
-    let token_file = dir.0.join("token");
-    let out = dir.0.join("cni-kubeconfig");
-    let ca = Path::new(&kc)
-        .parent()
-        .expect("kubeconfig dir")
-        .join("ca.crt");
-    std::fs::write(&token_file, kns.bound_token(&node_sa, "anchor-a")).unwrap();
-    t.start_daemon_with(&[
-        "--no-cni-install",
-        "--kubeconfig-out",
-        out.to_str().unwrap(),
-        "--token-file",
-        token_file.to_str().unwrap(),
-        "--ca-file",
-        ca.to_str().unwrap(),
-        "--api-server",
-        &format!("https://127.0.0.1:{}", relay.port),
-    ]);
+    let daemon = ApiDaemon::start(&kns, &mut t, &kc, "anchor-a", &["--no-cni-install"]);
+    let out = daemon.kubeconfig_out.clone();
     let written = |want: &str| {
         portslice_testkit::eventually(std::time::Duration::from_secs(15), || {
             std::fs::read_to_string(&out)
@@ -468,7 +526,7 @@ fn the_daemon_follows_the_rotating_token_and_add_keeps_working() {
                 .filter(|k| k.contains(want))
         })
     };
-    let first = std::fs::read_to_string(&token_file).unwrap();
+    let first = std::fs::read_to_string(&daemon.token_file).unwrap();
     assert!(
         written(first.trim()).is_some(),
         "the daemon wrote a kubeconfig with the token"
@@ -510,8 +568,8 @@ fn the_daemon_follows_the_rotating_token_and_add_keeps_working() {
     rt.del(&b).expect("DEL");
 
     // The kubelet rotates the file; the daemon follows.
-    let second = kns.bound_token(&node_sa, "anchor-b");
-    std::fs::write(&token_file, &second).unwrap();
+    let second = kns.bound_token(&daemon.node_sa, "anchor-b");
+    std::fs::write(&daemon.token_file, &second).unwrap();
     assert!(
         written(second.trim()).is_some(),
         "the daemon rewrote the kubeconfig"
@@ -519,7 +577,7 @@ fn the_daemon_follows_the_rotating_token_and_add_keeps_working() {
     let (c, inv) = add("c");
     assert!(inv.ok(), "ADD with the rotated token: {inv:?}");
     rt.del(&c).expect("DEL");
-    drop(relay);
+    drop(daemon);
 }
 
 /// A node that refuses a PortSlice (here: a host process listens on one of its ports) says so on
@@ -638,31 +696,10 @@ fn a_portslices_allowed_sources_filter_from_add_and_follow_edits() {
     let kns = KubeNs::new();
     kns.slice("media", Some((42500, 42599)));
     kns.set_allowed_sources("media", &[&format!("{REMOTE_IP}/32")]);
-    let node_sa = kns.node_sa_from_chart();
     let mut t = Topology::bare();
     t.add_remote_address(REMOTE_IP2);
-    let dir = TempDir::new("sources");
-    let relay_kc = dir.0.join("relayed");
-    let target = relayed_kubeconfig(&kc, 0, &relay_kc);
-    let relay = Relay::start(&t.node, target);
-    let token_file = dir.0.join("token");
-    std::fs::write(&token_file, kns.bound_token(&node_sa, "anchor")).unwrap();
-    let out = dir.0.join("cni-kubeconfig");
-    let ca = Path::new(&kc)
-        .parent()
-        .expect("kubeconfig dir")
-        .join("ca.crt");
-    t.start_daemon_with(&[
-        "--no-cni-install",
-        "--kubeconfig-out",
-        out.to_str().unwrap(),
-        "--token-file",
-        token_file.to_str().unwrap(),
-        "--ca-file",
-        ca.to_str().unwrap(),
-        "--api-server",
-        &format!("https://127.0.0.1:{}", relay.port),
-    ]);
+    let daemon = ApiDaemon::start(&kns, &mut t, &kc, "anchor", &["--no-cni-install"]);
+    let out = daemon.kubeconfig_out.clone();
     let mut ps = portslice_conf(&t);
     ps["kubeconfig"] = json!(out);
     ps["capabilities"] = json!({CAP: true});
@@ -679,7 +716,7 @@ fn a_portslices_allowed_sources_filter_from_add_and_follow_edits() {
         tcp_request(
             &t.remote,
             SocketAddrV4::new(NODE_IP, 42510),
-            Some(SocketAddrV4::new(from, 0)),
+            Some(SocketAddrV4::new(from, 0).into()),
         )
         .is_ok_and(|r| r.starts_with("media "))
     };
@@ -730,5 +767,182 @@ fn a_portslices_allowed_sources_filter_from_add_and_follow_edits() {
     follows("the first source removed", REMOTE_IP, false);
     assert!(reaches(REMOTE_IP2));
     rt.del(&pod).expect("DEL");
-    drop(relay);
+    drop(daemon);
+}
+
+/// TCPMUX (RFC 1078) on port 1 of the node address: `HELP` lists the named TCP ports of the
+/// slices with a pod on this node, a known name is spliced to the pod, an unknown one refused.
+#[test]
+fn tcpmux_lists_and_splices_the_named_ports_of_slices_on_the_node() {
+    if !require_root("kube_tcpmux") {
+        return;
+    }
+    let Some(kc) = kubeconfig() else {
+        return;
+    };
+    let kns = KubeNs::new();
+    kns.slice("voice", Some((42700, 42709)));
+    kns.set_named_ports("voice", &[("ctl", "TCP", 42703), ("rtp", "UDP", 42704)]);
+    kns.slice("elsewhere", Some((42800, 42809)));
+    kns.set_named_ports("elsewhere", &[("ctl", "TCP", 42803)]);
+    let mut t = Topology::bare();
+    let daemon = ApiDaemon::start(
+        &kns,
+        &mut t,
+        &kc,
+        "anchor",
+        &["--no-cni-install", "--tcpmux"],
+    );
+    let out = daemon.kubeconfig_out.clone();
+    let mut ps = portslice_conf(&t);
+    ps["kubeconfig"] = json!(out);
+    ps["capabilities"] = json!({CAP: true});
+    let ipam = TempDir::new("ipam");
+    let rt = Runtime {
+        node: &t.node,
+        list: Conflist::ptp("1.0.0", &ipam.0, ps),
+    };
+    let mut pod = CniPod::in_namespace(&kns.name, "");
+    annotated(&mut pod, Some("voice"));
+    rt.add(&mut pod).expect("ADD");
+    let _srv = tcp_server(&pod.ns, Ipv4Addr::UNSPECIFIED, 42703, "voice-ctl");
+    let ask = |line: &str| -> String {
+        let line = line.to_string();
+        t.remote.enter(move || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect_timeout(
+                &SocketAddrV4::new(NODE_IP, 1).into(),
+                std::time::Duration::from_secs(3),
+            )
+            .expect("connect to TCPMUX");
+            c.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                .unwrap();
+            c.write_all(line.as_bytes()).unwrap();
+            // A spliced connection: the pod's server answers a line of ours.
+            if line.to_ascii_lowercase().contains("/voice/ctl") {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                c.write_all(b"hello\n").unwrap();
+            }
+            let mut got = Vec::new();
+            let mut buf = [0u8; 512];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                // The daemon closes after HELP and refusals; a splice stays open, so stop at
+                // the pod's whole answer line.
+                if got.starts_with(b"+\r\n") && got[3..].contains(&b'\n') {
+                    break;
+                }
+            }
+            String::from_utf8_lossy(&got).into_owned()
+        })
+    };
+    let contact = format!("{}/voice/ctl", kns.name);
+    let help = portslice_testkit::eventually(std::time::Duration::from_secs(10), || {
+        let h = ask("HELP\r\n");
+        h.contains(&contact).then_some(h)
+    })
+    .expect("HELP lists the slice's named TCP port");
+    assert_eq!(
+        help.lines().count(),
+        1,
+        "only TCP names of slices on this node: {help}"
+    );
+    let hit = ask(&format!("{}\r\n", contact.to_uppercase()));
+    assert!(
+        hit.starts_with("+\r\n") && hit.contains("voice-ctl "),
+        "a hit is spliced to the pod: {hit:?}"
+    );
+    let miss = ask(&format!("{}/elsewhere/ctl\r\n", kns.name));
+    assert!(
+        miss.starts_with('-'),
+        "a slice without a pod here: {miss:?}"
+    );
+    rt.del(&pod).expect("DEL");
+    drop(daemon);
+}
+
+/// Nothing to set (issue 13): with `--uplink auto` and no CIDR flags, the daemon finds the
+/// interface that holds the node address, takes the pod CIDRs from the Nodes' `spec.podCIDRs`
+/// and the service CIDR from the ServiceCIDR API, writes them into its conflist entry, follows
+/// a Node that joins, and says what it chose on /metrics.
+#[test]
+fn the_daemon_detects_its_uplink_and_the_cluster_cidrs_and_follows_new_nodes() {
+    if !require_root("kube_detect") {
+        return;
+    }
+    let Some(kc) = kubeconfig() else {
+        return;
+    };
+    let kns = KubeNs::new();
+    // Cluster-scoped: named after the namespace, gone with it (KubeNs's Drop).
+    let first = format!("{}-a", kns.name);
+    let second = format!("{}-b", kns.name);
+    kns.node(&first, &["10.244.0.0/24", "fd00:10:244::/64"]);
+    kns.node(&second, &["10.244.1.0/24"]);
+    let mut t = Topology::bare();
+    let conf = TempDir::new("detect-conf");
+    let bin = TempDir::new("detect-bin");
+    let original = r#"{"cniVersion":"0.3.1","name":"kindnet","plugins":[{"type":"ptp","ipam":{"type":"host-local","ranges":[[{"subnet":"10.244.0.0/24"}]]}}]}"#;
+    std::fs::write(conf.0.join("10-kindnet.conflist"), original).unwrap();
+    let _daemon = ApiDaemon::start(
+        &kns,
+        &mut t,
+        &kc,
+        "anchor",
+        &[
+            "--uplink",
+            "auto",
+            "--cni-bin-dir",
+            bin.0.to_str().unwrap(),
+            "--cni-conf-dir",
+            conf.0.to_str().unwrap(),
+        ],
+    );
+    let entry = |want: &[&str]| {
+        let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        portslice_testkit::eventually(std::time::Duration::from_secs(15), || {
+            let list: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(conf.0.join("10-kindnet.conflist")).ok()?,
+            )
+            .ok()?;
+            let got: Vec<String> =
+                serde_json::from_value(list["plugins"][1]["clusterCIDRs"].clone()).ok()?;
+            (got == want).then_some(list)
+        })
+    };
+    // The two /24s in a row become one /23; the API server's service range is 10.0.0.0/24.
+    let list = entry(&["10.244.0.0/23", "fd00:10:244::/64", "10.0.0.0/24"]).unwrap_or_else(|| {
+        panic!(
+            "the conflist entry carries the detected CIDRs: {}",
+            std::fs::read_to_string(conf.0.join("10-kindnet.conflist")).unwrap_or_default()
+        )
+    });
+    assert_eq!(list["plugins"][1]["type"], "portslice");
+    kns.node(&format!("{}-c", kns.name), &["10.244.7.0/24"]);
+    assert!(
+        entry(&[
+            "10.244.0.0/23",
+            "10.244.7.0/24",
+            "fd00:10:244::/64",
+            "10.0.0.0/24"
+        ])
+        .is_some(),
+        "a Node that joins is followed into the entry: {}",
+        std::fs::read_to_string(conf.0.join("10-kindnet.conflist")).unwrap_or_default()
+    );
+    let metrics = t.metrics_get("/metrics").unwrap_or_default();
+    assert!(
+        metrics.contains(&format!(
+            "portslice_node_uplink_info{{uplink=\"{}\",node_ip=\"{NODE_IP}\",source=\"detected\"}} 1",
+            portslice_testkit::UPLINK
+        )),
+        "the chosen uplink is exposed: {metrics}"
+    );
+    assert!(
+        metrics.contains("portslice_cluster_cidr_info{cidr=\"10.0.0.0/24\",source=\"detected\"} 1"),
+        "the detected CIDRs are exposed: {metrics}"
+    );
 }

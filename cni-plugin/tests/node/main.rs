@@ -10,6 +10,8 @@
 //! - `kube`: slices read from a real kube-apiserver (`KUBECONFIG`, started by test-datapath.sh);
 //! - `cni_matrix`: every row of the connectivity matrix with pods made by the CNI chain;
 //! - `veth_matrix`: the same rows with plain veths, plus PMTU and zero conntrack;
+//! - `veth_matrix6`, `cni_matrix6`: every row on an IPv6-only node, on both pod paths;
+//! - `dual_stack`: a node with both families: one slice pod on both addresses, pods of one family;
 //! - `daemon`: the node daemon (install/uninstall, restart mid-transfer, metrics, reconcile);
 //! - `clsact`: the fallback attach mode for kernels without tcx;
 //! - `node_ports`: the node's own ports and listeners, reserved ports, restored sysctls, the lock;
@@ -18,10 +20,13 @@
 mod chain;
 mod clsact;
 mod cni_matrix;
+mod cni_matrix6;
 mod daemon;
+mod dual_stack;
 mod hardening;
 mod kube;
 mod node_ports;
 mod protocol;
 mod upgrade;
 mod veth_matrix;
+mod veth_matrix6;

@@ -1,6 +1,7 @@
-//! Upgrades of the pinned datapath: a node as the first release left it (layout 1, its own
-//! programs, see `portslice_testkit::legacy`) taken over by this build's daemon while a transfer
-//! runs, and pins this build must refuse rather than call "not loaded".
+//! Upgrades of the pinned datapath: a node as each earlier release left it (layout 1; layout 2
+//! before dual stack; their own programs, see `portslice_testkit::legacy`) taken over by this
+//! build's daemon while a transfer runs, and pins this build must refuse rather than call "not
+//! loaded".
 
 use std::{
     net::{SocketAddrV4, TcpListener, TcpStream},
@@ -13,6 +14,8 @@ use std::{
 
 use aya::programs::{SchedClassifier, links::PinnedLink};
 use portslice_datapath::{DatapathError, PinnedDatapath, abi, layout, loader};
+use portslice_testkit::Family;
+use portslice_testkit::legacy::Release;
 use portslice_testkit::rows::{self, A, ANY, B, sa};
 use portslice_testkit::traffic::{
     drain, stream_for, tcp_request, tcp_server, udp_request, udp_send, udp_server,
@@ -43,16 +46,45 @@ fn daemon_upgrades_layout_1_pins_under_a_running_transfer_and_old_pods_still_del
     if !require_root("upgrade") {
         return;
     }
+    upgrade_under_a_running_transfer(Release::Layout1);
+}
+
+/// The release before dual stack (layout 2 with the IPv4-only config, fragment keys and echo
+/// slots): the upgrade is a restart on the same pod maps, and the renamed maps' old pins go.
+#[test]
+fn daemon_takes_over_the_release_before_dual_stack_under_a_running_transfer() {
+    if !require_root("upgrade-layout2") {
+        return;
+    }
+    upgrade_under_a_running_transfer(Release::Layout2);
+}
+
+fn upgrade_under_a_running_transfer(release: Release) {
     let mut t = Topology::bare();
-    t.start_layout1();
-    t.add_pod_layout1(Some(A));
+    t.start_release(release);
+    t.add_pod_release(release, Some(A));
     let (old_cid, old_if) = (t.pods[0].container_id.clone(), t.pods[0].host_ifindex);
-    // This build meets layout 1: an error, never "not loaded" (a pod would pass unprotected).
-    let err = open_err(&t);
-    assert!(
-        matches!(&err, DatapathError::Pin { detail, .. } if detail.contains("layout 1")),
-        "{err}"
-    );
+    let pod_maps = |t: &Topology| {
+        aya::maps::MapData::from_pin(layout::map_pin(&t.pin_root, abi::map::PORT_OWNER))
+            .map(|m| m.info().unwrap().id())
+            .ok()
+    };
+    let old_table = match release {
+        // This build meets layout 1: an error, never "not loaded" (a pod would pass unprotected).
+        Release::Layout1 => {
+            let err = open_err(&t);
+            assert!(
+                matches!(&err, DatapathError::Pin { detail, .. } if detail.contains("layout 1")),
+                "{err}"
+            );
+            None
+        }
+        Release::Layout2 => {
+            let retired = release.maps_dir(&t.pin_root).join("config");
+            assert!(retired.exists(), "the fixture pins its IPv4-only config");
+            pod_maps(&t)
+        }
+    };
 
     // The first release serves the pod: a transfer into it starts before the upgrade.
     let listener = t.pods[0]
@@ -81,7 +113,8 @@ fn daemon_upgrades_layout_1_pins_under_a_running_transfer_and_old_pods_still_del
     t.start_daemon();
     std::thread::sleep(Duration::from_millis(600));
 
-    // Layout 1 is gone, layout 2 holds the old pod.
+    // Layout 1 is gone (migrated), or layout 2's pod maps are the very same maps (a restart)
+    // and the maps this build renamed are unpinned; this build's layout holds the old pod.
     assert!(
         !t.pin_root.join(layout::V1_MAPS).exists(),
         "layout 1 maps left"
@@ -91,6 +124,19 @@ fn daemon_upgrades_layout_1_pins_under_a_running_transfer_and_old_pods_still_del
         "layout 1 programs left"
     );
     assert!(layout::dir(&t.pin_root).is_dir());
+    if let Some(id) = old_table {
+        assert_eq!(
+            pod_maps(&t),
+            Some(id),
+            "the port table was replaced, not reused"
+        );
+    }
+    for name in abi::map::RETIRED {
+        assert!(
+            !layout::map_pin(&t.pin_root, name).exists(),
+            "the retired map {name} is still pinned"
+        );
+    }
     let pods = t.with_datapath(|dp| dp.list_pods().unwrap());
     assert!(pods.iter().any(|p| p.container_id == old_cid), "{pods:?}");
     // Its egress link now runs this build's program (not just new pods).
@@ -118,11 +164,11 @@ fn daemon_upgrades_layout_1_pins_under_a_running_transfer_and_old_pods_still_del
     let stats = t.with_datapath(move |dp| dp.pod_stats().unwrap().get(&old_if).copied());
     assert!(
         stats.is_some_and(|s| s.drop_src_port >= 1),
-        "not enforced by layout 2: {stats:?}"
+        "not enforced by this build: {stats:?}"
     );
     // A new pod attaches beside it, and the two reach each other through the node address.
     t.add_pod(Some(B));
-    rows::row6_hairpin_between_two_slices(&t.pods[0].ns, &t.pods[1].ns);
+    rows::row6_hairpin_between_two_slices(&t.pods[0].ns, &t.pods[1].ns, Family::V4);
     let _srv = tcp_server(&t.pods[0].ns, ANY, 40011, "old");
     let r = tcp_request(&t.pods[1].ns, sa(NODE_IP, 40011), None).expect("new pod -> old pod");
     assert!(r.starts_with("old 198.18.0.1:"), "{r}");
@@ -134,24 +180,17 @@ fn daemon_upgrades_layout_1_pins_under_a_running_transfer_and_old_pods_still_del
     assert!(sent > 1_000_000, "only {sent} bytes sent");
     assert_eq!(sent, received, "bytes lost across the upgrade");
 
-    // DEL of the pod attached under layout 1 succeeds and frees everything it held.
+    // DEL of the pod attached by the old release succeeds and frees everything it held.
     t.with_datapath(move |dp| dp.detach_pod(&old_cid, Some(old_if)).expect("DEL"));
     assert!(!pod_link.exists(), "the old pod's link is left");
     let again = t.attachment(0);
     t.with_datapath(move |dp| dp.attach_pod(&again).expect("its ports are free again"));
 
-    // A restart on layout 2 is a plain restart: the same maps, nothing migrated.
-    let id = |t: &Topology| {
-        aya::maps::MapData::from_pin(layout::map_pin(&t.pin_root, abi::map::PORT_OWNER))
-            .unwrap()
-            .info()
-            .unwrap()
-            .id()
-    };
-    let before = id(&t);
+    // A restart of this build is a plain restart: the same maps, nothing migrated.
+    let before = pod_maps(&t);
     t.daemon.as_mut().unwrap().kill();
     t.start_daemon();
-    assert_eq!(id(&t), before);
+    assert_eq!(pod_maps(&t), before);
 }
 
 /// Runs the daemon expecting it to refuse to start; returns what it logged.
@@ -215,7 +254,7 @@ fn pins_of_another_layout_are_an_error_never_not_loaded_and_the_daemon_refuses_t
     // open() and the daemon both refuse them instead of reading them with the wrong layout.
     let root = t.pin_root.clone();
     t.node
-        .enter(move || legacy::load_into(&root, &layout::maps_dir(&root), None))
+        .enter(move || legacy::load_into(Release::Layout1, &root, &layout::maps_dir(&root), None))
         .expect("pinning layout-1 maps under v2");
     let err = open_err(&t);
     assert!(matches!(err, DatapathError::Pin { .. }), "{err}");

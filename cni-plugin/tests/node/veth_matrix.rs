@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use portslice_testkit::Family;
 use portslice_testkit::rows::{self, A, ANY, B, HOST_PORT, HOSTILE, sa};
 use portslice_testkit::traffic::{tcp_request, tcp_server, udp_request, udp_server};
 use portslice_testkit::{NODE_IP, REMOTE_IP, Topology, require_root};
@@ -17,7 +18,7 @@ fn row1_remote_reaches_slice_pod_on_node_ip_tcp_and_udp() {
     }
     let mut t = Topology::new();
     t.add_pod(Some(A));
-    rows::row1_remote_reaches_slice_pod(&t, &t.pods[0].ns);
+    rows::row1_remote_reaches_slice_pod(&t, &t.pods[0].ns, Family::V4);
 }
 
 #[test]
@@ -27,7 +28,7 @@ fn row7_remote_reaches_host_ports_outside_every_slice() {
     }
     let mut t = Topology::new();
     t.add_pod(Some(A));
-    rows::row7_remote_reaches_host_ports_outside_every_slice(&t);
+    rows::row7_remote_reaches_host_ports_outside_every_slice(&t, Family::V4);
 }
 
 #[test]
@@ -37,7 +38,7 @@ fn row2_slice_pod_reaches_remote_from_node_ip_and_its_own_ports() {
     }
     let mut t = Topology::new();
     t.add_pod(Some(A));
-    rows::row2_slice_pod_reaches_remote_from_its_own_ports(&t, &t.pods[0].ns);
+    rows::row2_slice_pod_reaches_remote_from_its_own_ports(&t, &t.pods[0].ns, Family::V4);
 }
 
 #[test]
@@ -49,7 +50,7 @@ fn row4_other_pod_reaches_slice_pod_on_node_ip() {
     t.add_pod(Some(A));
     t.add_pod(None);
     let other = &t.pods[1];
-    rows::row4_other_pod_reaches_slice_pod(&t.pods[0].ns, &other.ns, other.private_ip);
+    rows::row4_other_pod_reaches_slice_pod(&t.pods[0].ns, &other.ns, other.private_ip, Family::V4);
 }
 
 #[test]
@@ -59,7 +60,7 @@ fn row5_host_process_and_slice_pod_reach_each_other() {
     }
     let mut t = Topology::new();
     t.add_pod(Some(A));
-    rows::row5_host_process_and_slice_pod_reach_each_other(&t, &t.pods[0].ns);
+    rows::row5_host_process_and_slice_pod_reach_each_other(&t, &t.pods[0].ns, Family::V4);
 }
 
 #[test]
@@ -70,7 +71,7 @@ fn row6_hairpin_between_two_slices_on_node_ip() {
     let mut t = Topology::new();
     t.add_pod(Some(A));
     t.add_pod(Some(B));
-    rows::row6_hairpin_between_two_slices(&t.pods[0].ns, &t.pods[1].ns);
+    rows::row6_hairpin_between_two_slices(&t.pods[0].ns, &t.pods[1].ns, Family::V4);
 }
 
 #[test]
@@ -80,7 +81,7 @@ fn row8_ping_and_icmp_errors_reach_the_slice_pod() {
     }
     let mut t = Topology::new();
     t.add_pod(Some(A));
-    rows::row8_ping_and_icmp_errors_reach_the_slice_pod(&t.pods[0].ns);
+    rows::row8_ping_and_icmp_errors_reach_the_slice_pod(&t.pods[0].ns, Family::V4);
 }
 
 #[test]
@@ -96,6 +97,7 @@ fn row9_hostile_pod_gets_nothing_through_outside_its_range() {
         &t,
         &t.pods[1].ns,
         Some(&t.pods[2].ns),
+        Family::V4,
     );
     // The datapath counted the drops (the hostile pod is 10.244.0.3: slice key test/slice-3).
     let m = t.metrics_get("/metrics").expect("metrics");
@@ -123,7 +125,7 @@ fn row10_host_never_picks_a_pool_port_as_ephemeral() {
         return;
     }
     let t = Topology::new();
-    rows::row10_host_never_picks_a_pool_port_as_ephemeral(&t);
+    rows::row10_host_never_picks_a_pool_port_as_ephemeral(&t, Family::V4);
 }
 
 #[test]
@@ -133,7 +135,7 @@ fn row11_fragmented_udp_arrives_whole_both_ways() {
     }
     let mut t = Topology::new();
     t.add_pod(Some(A));
-    rows::row11_fragmented_udp_arrives_whole_both_ways(&t, &t.pods[0].ns);
+    rows::row11_fragmented_udp_arrives_whole_both_ways(&t, &t.pods[0].ns, Family::V4);
 }
 
 #[test]
@@ -148,6 +150,7 @@ fn row12_two_slice_pods_ping_the_same_remote_with_the_same_id() {
         &t,
         &t.pods[0].ns,
         &t.pods[1].ns,
+        Family::V4,
     );
 }
 

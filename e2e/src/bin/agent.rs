@@ -8,6 +8,9 @@
 //! - `dial tcp|udp ADDR [--bind IP:PORT] [--timeout-ms MS]`: sends one line, prints the answer.
 //!   Exit code 0 when an answer came, 1 otherwise (the e2e suite relies on both outcomes).
 //! - `port-range`: prints the netns' `ip_local_port_range` as `START END`.
+//! - `dns NAME A|AAAA|SRV [--server IP:PORT]`: asks the server (default: the first `nameserver` of
+//!   /etc/resolv.conf) over UDP and prints one answer per line (`A 198.18.0.11`,
+//!   `SRV 0 100 40000 <target>`). Exit code 1 when the query fails.
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
@@ -22,7 +25,8 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("dial") => dial(&args[1..]),
         Some("port-range") => port_range().map(|(a, b)| println!("{a} {b}")),
-        _ => Err("usage: portslice-e2e-agent serve|dial|port-range ...".to_string()),
+        Some("dns") => dns(&args[1..]),
+        _ => Err("usage: portslice-e2e-agent serve|dial|port-range|dns ...".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -93,12 +97,18 @@ fn serve(args: &[String]) -> Result<(), String> {
     let me = name();
     let mut threads = Vec::new();
     for p in tcp {
-        let l = TcpListener::bind(("0.0.0.0", p)).map_err(|e| format!("binding tcp/{p}: {e}"))?;
+        // [::] serves both families (IPV6_V6ONLY is off by default); a pod without IPv6 has
+        // only 0.0.0.0.
+        let l = TcpListener::bind(("::", p))
+            .or_else(|_| TcpListener::bind(("0.0.0.0", p)))
+            .map_err(|e| format!("binding tcp/{p}: {e}"))?;
         let me = me.clone();
         threads.push(std::thread::spawn(move || serve_tcp(l, &me)));
     }
     for p in udp {
-        let s = UdpSocket::bind(("0.0.0.0", p)).map_err(|e| format!("binding udp/{p}: {e}"))?;
+        let s = UdpSocket::bind(("::", p))
+            .or_else(|_| UdpSocket::bind(("0.0.0.0", p)))
+            .map_err(|e| format!("binding udp/{p}: {e}"))?;
         let me = me.clone();
         threads.push(std::thread::spawn(move || serve_udp(s, &me)));
     }
@@ -111,7 +121,10 @@ fn serve(args: &[String]) -> Result<(), String> {
 
 fn serve_tcp(listener: TcpListener, me: &str) {
     for conn in listener.incoming().flatten() {
-        let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = conn
+            .peer_addr()
+            .map(|a| canonical(a).to_string())
+            .unwrap_or_default();
         // One line per caller on stdout: the e2e suite checks who did (and did not) get here.
         println!("seen tcp {peer}");
         let mut conn = conn;
@@ -126,8 +139,9 @@ fn serve_tcp(listener: TcpListener, me: &str) {
 fn serve_udp(socket: UdpSocket, me: &str) {
     let mut buf = [0u8; 2048];
     while let Ok((_, peer)) = socket.recv_from(&mut buf) {
-        println!("seen udp {peer}");
-        let _ = socket.send_to(format!("{me} {peer}\n").as_bytes(), peer);
+        let shown = canonical(peer);
+        println!("seen udp {shown}");
+        let _ = socket.send_to(format!("{me} {shown}\n").as_bytes(), peer);
     }
 }
 
@@ -224,12 +238,21 @@ fn connect_from(
     Ok(TcpStream::from(fd))
 }
 
+/// An IPv4 caller of a `[::]` socket arrives as `::ffff:a.b.c.d`: show it as the IPv4 address
+/// it is.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
 fn dial_udp(
     addr: SocketAddr,
     bind: Option<SocketAddr>,
     timeout: Duration,
 ) -> Result<String, String> {
-    let local = bind.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let local = bind.unwrap_or_else(|| match addr {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    });
     let socket = UdpSocket::bind(local).map_err(|e| format!("binding {local}: {e}"))?;
     socket
         .set_read_timeout(Some(timeout))
@@ -245,4 +268,53 @@ fn dial_udp(
         }
     }
     Err(format!("no answer from {addr} over udp"))
+}
+
+fn dns(args: &[String]) -> Result<(), String> {
+    use portslice_e2e::dns::{RecordType, answers, query};
+    let name = args
+        .first()
+        .ok_or("dns NAME A|AAAA|SRV [--server IP:PORT]")?;
+    let rtype = args
+        .get(1)
+        .and_then(|t| RecordType::parse(t))
+        .ok_or("the type is A, AAAA or SRV")?;
+    let mut server = None;
+    let mut i = 2;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--server" => server = Some(value(args, &mut i, "--server")?.to_string()),
+            other => return Err(format!("unknown argument {other}")),
+        }
+        i += 1;
+    }
+    let server: SocketAddr = match server {
+        Some(s) => s.parse().map_err(|e| format!("--server {s}: {e}"))?,
+        None => {
+            let conf = std::fs::read_to_string("/etc/resolv.conf")
+                .map_err(|e| format!("reading /etc/resolv.conf: {e}"))?;
+            let ip = conf
+                .lines()
+                .find_map(|l| l.strip_prefix("nameserver"))
+                .map(str::trim)
+                .ok_or("no nameserver in /etc/resolv.conf")?;
+            format!("{ip}:53")
+                .parse()
+                .map_err(|e| format!("nameserver {ip}: {e}"))?
+        }
+    };
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
+    sock.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    let id = (std::process::id() & 0xffff) as u16;
+    sock.send_to(&query(id, name, rtype), server)
+        .map_err(|e| format!("query {server}: {e}"))?;
+    let mut buf = [0u8; 4096];
+    let (n, _) = sock
+        .recv_from(&mut buf)
+        .map_err(|e| format!("no answer from {server}: {e}"))?;
+    for record in answers(&buf[..n], id, rtype)? {
+        println!("{record}");
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! What every check works with: the settings, the API client, the nodes, and the small
 //! commands (helm, kubectl, a program on a node, the agent on the remote host).
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
@@ -15,10 +15,8 @@ use portslice_e2e::shell::{self, with_prefix};
 
 pub const SHORT: Duration = Duration::from_secs(30);
 pub const LONG: Duration = Duration::from_secs(300);
-/// The suite's own namespace; the reservations policy it installs opens the pool's ports to it.
+/// The suite's own namespace; its values file (e2e/values-e2e.yaml) opens the pool's ports to it.
 pub const SUITE_NAMESPACE: &str = "portslice-e2e";
-/// What the suite's reservations policy opens to [`SUITE_NAMESPACE`].
-pub const SUITE_RESERVATIONS: &str = "40000-59999";
 /// The port the remote host's agent serves.
 pub const REMOTE_PORT: u16 = 9000;
 
@@ -27,6 +25,8 @@ pub const REMOTE_PORT: u16 = 9000;
 pub struct Node {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 InternalIP on a dual-stack cluster: slice pods share it too.
+    pub ip6: Option<Ipv6Addr>,
     pub control_plane: bool,
 }
 
@@ -36,6 +36,7 @@ pub struct PodAt {
     pub name: String,
     pub node: String,
     pub node_ip: Ipv4Addr,
+    pub node_ip6: Option<Ipv6Addr>,
 }
 
 pub struct Ctx {
@@ -88,8 +89,9 @@ impl Ctx {
         &self,
         pod: &str,
         proto: &str,
-        addr: SocketAddrV4,
+        addr: impl Into<SocketAddr>,
     ) -> anyhow::Result<Answer> {
+        let addr: SocketAddr = addr.into();
         let out = self
             .pod_exec(
                 pod,
@@ -101,7 +103,12 @@ impl Ctx {
     }
 
     /// The agent on the remote host dials `addr`.
-    pub async fn remote_dial(&self, proto: &str, addr: SocketAddrV4) -> anyhow::Result<Answer> {
+    pub async fn remote_dial(
+        &self,
+        proto: &str,
+        addr: impl Into<SocketAddr>,
+    ) -> anyhow::Result<Answer> {
+        let addr: SocketAddr = addr.into();
         let agent = self.s.agent_bin.to_string_lossy().into_owned();
         let out = shell::run_ok(
             &with_prefix(
@@ -130,12 +137,19 @@ impl Ctx {
             .ok_or_else(|| anyhow!("no pods of {app}"))
     }
 
-    pub fn node_ip(&self, name: &str) -> anyhow::Result<Ipv4Addr> {
+    pub fn node(&self, name: &str) -> anyhow::Result<&Node> {
         self.nodes
             .iter()
             .find(|n| n.name == name)
-            .map(|n| n.ip)
             .ok_or_else(|| anyhow!("no node {name}"))
+    }
+
+    /// The remote's IPv6 address when the cluster is dual-stack (every node has an IPv6
+    /// address and the settings name the remote's).
+    pub fn dual_stack(&self) -> Option<Ipv6Addr> {
+        self.s
+            .remote_ip6
+            .filter(|_| self.nodes.iter().all(|n| n.ip6.is_some()))
     }
 }
 
@@ -150,19 +164,29 @@ pub async fn list_nodes(client: &Client) -> anyhow::Result<Vec<Node>> {
             .labels
             .as_ref()
             .is_some_and(|l| l.contains_key("node-role.kubernetes.io/control-plane"));
-        let ip = n
+        let internal: Vec<std::net::IpAddr> = n
             .status
             .and_then(|s| s.addresses)
             .into_iter()
             .flatten()
-            .find(|a| a.type_ == "InternalIP" && !a.address.contains(':'))
-            .with_context(|| format!("node {name} has no IPv4 InternalIP"))?
-            .address
-            .parse()
-            .with_context(|| format!("node {name}'s InternalIP"))?;
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        let ip = internal
+            .iter()
+            .find_map(|a| match a {
+                std::net::IpAddr::V4(v4) => Some(*v4),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .with_context(|| format!("node {name} has no IPv4 InternalIP"))?;
+        let ip6 = internal.iter().find_map(|a| match a {
+            std::net::IpAddr::V6(v6) => Some(*v6),
+            std::net::IpAddr::V4(_) => None,
+        });
         out.push(Node {
             name,
             ip,
+            ip6,
             control_plane,
         });
     }

@@ -1,6 +1,7 @@
 //! The chart's life: install, the operator's Lease, the node daemons in every node's CNI chain,
 //! upgrade, uninstall and what it must leave behind.
 use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
@@ -10,7 +11,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, ListParams};
 use portslice_e2e::shell;
 
-use crate::ctx::{Ctx, LONG, SHORT, SUITE_NAMESPACE, SUITE_RESERVATIONS, wait_until};
+use crate::ctx::{Ctx, LONG, SHORT, wait_until};
 use crate::traffic;
 
 const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
@@ -64,14 +65,14 @@ pub async fn reserved_ports(ctx: &Ctx) -> BTreeMap<String, String> {
     out
 }
 
-/// `helm install` as the README's quickstart does it, plus what makes the suite fast (a short
-/// quarantine and retry interval) and what the settings ask for; then waits for every replica.
+/// `helm install` as the README's quickstart does it (no `--set`), plus the suite's values file
+/// (a short quarantine and retry interval, a reservation for its namespace) and what the
+/// settings ask for; then waits for every replica.
 pub async fn helm_install(ctx: &Ctx) -> anyhow::Result<()> {
     let s = &ctx.s;
     let chart = s.chart.to_string_lossy().into_owned();
     let uplink = s.uplink.as_ref().map(|u| format!("node.uplink={u}"));
-    let reservation_ports = format!("reservations[0].ports={SUITE_RESERVATIONS}");
-    let reservation_namespace = format!("reservations[0].namespaces[0]={SUITE_NAMESPACE}");
+    let values = concat!(env!("CARGO_MANIFEST_DIR"), "/values-e2e.yaml");
     let mut args = vec![
         "upgrade",
         "--install",
@@ -83,16 +84,8 @@ pub async fn helm_install(ctx: &Ctx) -> anyhow::Result<()> {
         "--wait",
         "--timeout",
         "5m",
-        // Short quarantine and retry so the slice-deletion check finishes in seconds.
-        "--set",
-        "operator.quarantine=3s",
-        "--set",
-        "operator.extraArgs={--retry-interval=2s}",
-        // The suite reserves exact ports of the pool in its own namespace.
-        "--set-string",
-        &reservation_ports,
-        "--set-string",
-        &reservation_namespace,
+        "-f",
+        values,
     ];
     if let Some(u) = &uplink {
         args.extend(["--set", u.as_str()]);
@@ -310,4 +303,168 @@ pub async fn release_namespace_gone(ctx: &Ctx) -> anyhow::Result<()> {
         || async { Ok(nss.get_opt(name).await?.is_none().then_some(())) },
     )
     .await
+}
+
+/// Installed with nothing set about the cluster: every node daemon found its uplink (the
+/// interface holding its address) and the cluster CIDRs (the Nodes' pod CIDRs, the ServiceCIDR
+/// objects'), and wrote the CIDRs into its conflist entry; it says so in its metrics.
+pub async fn detected_uplink_and_cidrs(ctx: &Ctx) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Node as KubeNode;
+    use k8s_openapi::api::networking::v1::ServiceCIDR;
+    let service: Vec<String> = Api::<ServiceCIDR>::all(ctx.client.clone())
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|s| s.spec?.cidrs)
+        .flatten()
+        .collect();
+    let pod: Vec<String> = Api::<KubeNode>::all(ctx.client.clone())
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|n| n.spec?.pod_cidrs)
+        .flatten()
+        .collect();
+    ensure!(
+        !service.is_empty() && !pod.is_empty(),
+        "nothing to detect from"
+    );
+    for node in &ctx.nodes {
+        let n = node.name.as_str();
+        let cidrs = wait_until(
+            &format!("{n}'s conflist entry to carry the CIDRs"),
+            SHORT,
+            || async {
+                let conflist = first_conflist(ctx, n).await?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&ctx.on_node(n, &["cat", &conflist]).await?)?;
+                let entry = v["plugins"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|p| p["type"] == "portslice"))
+                    .cloned()
+                    .unwrap_or_default();
+                let cidrs: Vec<String> = entry["clusterCIDRs"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|c| c.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                // Every node's pod CIDR inside one entry (the daemon aggregates them), and the
+                // service CIDRs as the API has them.
+                let covered = pod.iter().all(|p| cidrs.iter().any(|c| covers(c, p)));
+                let services = service.iter().all(|s| cidrs.contains(s));
+                Ok((covered && services).then_some(cidrs))
+            },
+        )
+        .await?;
+        let metrics = http_get(SocketAddrV4::new(node.ip, 9465), "/metrics").await?;
+        let uplink = metrics
+            .lines()
+            .find(|l| l.starts_with("portslice_node_uplink_info{"))
+            .context("no portslice_node_uplink_info")?
+            .to_string();
+        ensure!(uplink.contains("source=\"detected\""), "{n}: {uplink}");
+        eprintln!("[e2e] detected on {n}: {uplink}; clusterCIDRs {cidrs:?}");
+    }
+    Ok(())
+}
+
+/// Whether CIDR `outer` covers CIDR `inner` (IPv4).
+/// Whether CIDR `outer` contains CIDR `inner` (same family).
+fn covers(outer: &str, inner: &str) -> bool {
+    let parse = |c: &str| -> Option<(u128, u32, u32)> {
+        let (ip, len) = c.split_once('/')?;
+        let (addr, bits) = match ip.parse::<std::net::IpAddr>().ok()? {
+            std::net::IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+            std::net::IpAddr::V6(a) => (u128::from(a), 128),
+        };
+        Some((addr, bits, len.parse().ok()?))
+    };
+    match (parse(outer), parse(inner)) {
+        // A /0 covers its whole family (and a shift by the full width would overflow).
+        (Some((_, ob, 0)), Some((_, ib, _))) => ob == ib,
+        (Some((o, ob, ol)), Some((i, ib, il))) if ob == ib && ol <= il && ol <= ob => {
+            o >> (ob - ol) == i >> (ob - ol)
+        }
+        _ => false,
+    }
+}
+
+/// The Grafana dashboard the chart shipped (the ConfigMap labelled `grafana_dashboard`) queries
+/// only metrics the installed binaries export: every `portslice_*` name in its panels appears
+/// on the operator's /metrics (through its Service, from a node) or a node daemon's.
+pub async fn dashboard_queries_only_exported_metrics(ctx: &Ctx) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Service};
+    use portslice_e2e::metrics::{dashboard_metrics, exported_metrics};
+    let ns = &ctx.s.release_namespace;
+    let by_label = |l: &str| kube::api::ListParams::default().labels(l);
+    let cms = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns)
+        .list(&by_label("grafana_dashboard=1"))
+        .await?;
+    let cm = cms
+        .items
+        .first()
+        .context("no ConfigMap labelled grafana_dashboard=1")?;
+    let json = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.values().next())
+        .context("the dashboard ConfigMap is empty")?;
+    let wanted = dashboard_metrics(json).map_err(anyhow::Error::msg)?;
+    let svcs = Api::<Service>::namespaced(ctx.client.clone(), ns)
+        .list(&by_label("app.kubernetes.io/component=operator"))
+        .await?;
+    let svc = svcs.items.first().context("no operator metrics Service")?;
+    let ip = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.clone())
+        .context("the operator Service has no ClusterIP")?;
+    let node = &ctx.nodes[0];
+    let url = format!("http://{}/metrics", host_port(&ip, 8080));
+    let operator = ctx
+        .on_node(&node.name, &["curl", "-sf", "--max-time", "5", &url])
+        .await
+        .context("scraping the operator")?;
+    let daemon = http_get(SocketAddrV4::new(node.ip, 9465), "/metrics").await?;
+    let mut exported = exported_metrics(&operator);
+    exported.extend(exported_metrics(&daemon));
+    let missing: Vec<&String> = wanted.iter().filter(|m| !exported.contains(*m)).collect();
+    ensure!(
+        missing.is_empty(),
+        "the dashboard queries {missing:?}, which neither the operator nor the node daemon exports"
+    );
+    eprintln!(
+        "[e2e] the dashboard's {} metrics are all exported ({} exported in all)",
+        wanted.len(),
+        exported.len()
+    );
+    Ok(())
+}
+
+fn host_port(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+/// A plain HTTP/1.0 GET (the daemon's metrics on a node address).
+async fn http_get(addr: SocketAddrV4, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::time::timeout(SHORT, tokio::net::TcpStream::connect(addr))
+        .await
+        .context("connect timed out")??;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut body = String::new();
+    tokio::time::timeout(SHORT, s.read_to_string(&mut body))
+        .await
+        .context("read timed out")??;
+    Ok(body)
 }

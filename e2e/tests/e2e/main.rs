@@ -10,6 +10,7 @@
 //! suite creates is removed at the end, pass or fail.
 mod ctx;
 mod install;
+mod names;
 mod nodes;
 mod policy;
 mod traffic;
@@ -115,6 +116,12 @@ async fn scenario(ctx: &mut Ctx, r: &mut Report) {
         || install::cni_chain_on_every_node(ctx),
     )
     .await;
+    r.check_after(
+        "node-daemons-detect-their-uplink-and-the-cluster-cidrs",
+        INSTALLED,
+        || install::detected_uplink_and_cidrs(ctx),
+    )
+    .await;
     let created = r
         .check_after("suite-namespace", INSTALLED, || {
             workloads::create_namespace(ctx)
@@ -141,6 +148,12 @@ async fn scenario(ctx: &mut Ctx, r: &mut Report) {
         "kubectl-get-portslices-shows-ranges-and-slivers",
         SLICE_PODS,
         || workloads::get_portslices(ctx),
+    )
+    .await;
+    r.check_after(
+        "grafana-dashboard-queries-only-exported-metrics",
+        SLICE_PODS,
+        || install::dashboard_queries_only_exported_metrics(ctx),
     )
     .await;
     r.check_after(
@@ -190,6 +203,28 @@ async fn scenario(ctx: &mut Ctx, r: &mut Report) {
                 traffic::pods_reach_remote(ctx)
             })
             .await;
+            match ctx.dual_stack() {
+                Some(remote6) => {
+                    r.check_after("remote-reaches-slice-pods-on-node-ipv6", SLICE_PODS, || {
+                        traffic::remote_reaches_ipv6(ctx, remote6)
+                    })
+                    .await;
+                    r.check_after(
+                        "slice-pods-reach-remote-ipv6-from-own-ports",
+                        SLICE_PODS,
+                        || traffic::pods_reach_remote_ipv6(ctx, remote6),
+                    )
+                    .await;
+                }
+                None => {
+                    for c in [
+                        "remote-reaches-slice-pods-on-node-ipv6",
+                        "slice-pods-reach-remote-ipv6-from-own-ports",
+                    ] {
+                        r.not_run(c, "single-stack cluster (no PORTSLICE_E2E_REMOTE_IP6, or a node without an IPv6 address)");
+                    }
+                }
+            }
             r.check_after("slice-pods-cannot-use-foreign-ports", SLICE_PODS, || {
                 traffic::foreign_ports_blocked(ctx, agent)
             })
@@ -214,6 +249,25 @@ async fn scenario(ctx: &mut Ctx, r: &mut Report) {
         INSTALLED,
         || traffic::host_ports_stay_with_host(ctx),
     )
+    .await;
+    const PLAIN_PODS: &[&str] = &["plain-pods-start-on-every-node-and-resolve-dns"];
+    const COTURN: &str = "coturn-configured-from-its-configmap-found-by-srv-relays-turn";
+    r.check_after(COTURN, PLAIN_PODS, || names::coturn_found_by_srv(ctx))
+        .await;
+    if ctx.dual_stack().is_some() {
+        r.check_after("dns-aaaa-names-the-slivers-ipv6-address", &[COTURN], || {
+            names::aaaa_names_the_slivers_ipv6_address(ctx)
+        })
+        .await;
+    } else {
+        r.not_run(
+            "dns-aaaa-names-the-slivers-ipv6-address",
+            "single-stack cluster",
+        );
+    }
+    r.check_after("dns-records-follow-the-slivers", &[COTURN], || {
+        names::records_follow_slivers(ctx)
+    })
     .await;
     r.check_after("helm-upgrade-keeps-slices-serving", SLICE_PODS, || {
         install::helm_upgrade(ctx)

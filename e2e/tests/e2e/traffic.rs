@@ -2,7 +2,7 @@
 //! host (kind: the docker host) to slice pods at their node's address, pods to other nodes'
 //! slice ports, slice pods to the remote from their own ports, the ports they may not use, and
 //! the host's own ports.
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
@@ -33,7 +33,7 @@ pub async fn remote_reaches(ctx: &Ctx, proto: &str) -> anyhow::Result<()> {
                     pod.node
                 );
                 ensure!(
-                    a.peer.ip() == &ctx.s.remote_ip,
+                    a.peer.ip() == ctx.s.remote_ip,
                     "{} saw the remote as {}, want {} (no NAT)",
                     pod.name,
                     a.peer,
@@ -106,7 +106,7 @@ pub async fn slice_pods_reach_each_other_across_nodes(ctx: &Ctx) -> anyhow::Resu
                     a.name
                 );
                 ensure!(
-                    a.peer.ip() == &caller.node_ip && own.contains(a.peer.port()),
+                    a.peer.ip() == caller.node_ip && own.contains(a.peer.port()),
                     "{} (slice {slice} on {}) reached {} from {}, want {} and a port of {own}",
                     caller.name,
                     caller.node,
@@ -130,7 +130,7 @@ pub async fn pods_reach_remote(ctx: &Ctx) -> anyhow::Result<()> {
             for proto in ["tcp", "udp"] {
                 let a = ctx.pod_dial(&pod.name, proto, remote).await?;
                 ensure!(
-                    a.peer.ip() == &pod.node_ip,
+                    a.peer.ip() == pod.node_ip,
                     "{} reached the remote over {proto} from {}, want its node's address {}",
                     pod.name,
                     a.peer,
@@ -208,7 +208,7 @@ pub async fn foreign_ports_blocked(ctx: &Ctx, remote: &shell::Captured) -> anyho
     }
     // Positive control: the same pod from its own ports is seen by the remote.
     let own = ctx
-        .pod_dial(&game.name, "udp", remote_addr.parse()?)
+        .pod_dial(&game.name, "udp", remote_addr.parse::<SocketAddr>()?)
         .await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let seen = remote.lines().split_off(logged_before);
@@ -271,7 +271,7 @@ pub async fn host_ports_stay_with_host(ctx: &Ctx) -> anyhow::Result<()> {
                 a.name
             );
             ensure!(
-                a.peer.ip() == &ctx.s.remote_ip,
+                a.peer.ip() == ctx.s.remote_ip,
                 "the host saw the remote as {}",
                 a.peer
             );
@@ -310,4 +310,64 @@ pub async fn remote_answer(
     let range = ctx.range_of(slice)?;
     ctx.remote_dial("tcp", SocketAddrV4::new(node_ip, range.start))
         .await
+}
+
+/// Rows 1 and 2 on the nodes' IPv6 addresses (dual-stack clusters): the remote reaches every
+/// slice pod on its node's IPv6 address, over TCP and UDP, with no NAT; the same pods answer as
+/// on IPv4.
+pub async fn remote_reaches_ipv6(ctx: &Ctx, remote6: std::net::Ipv6Addr) -> anyhow::Result<()> {
+    for slice in ["game", "web"] {
+        let range = ctx.range_of(slice)?;
+        for pod in ctx.pods_of(slice)? {
+            let ip6 = pod
+                .node_ip6
+                .with_context(|| format!("{} has no IPv6 address", pod.node))?;
+            for proto in ["tcp", "udp"] {
+                let addr = SocketAddrV6::new(ip6, range.start, 0, 0);
+                let a = ctx
+                    .remote_dial(proto, addr)
+                    .await
+                    .with_context(|| format!("slice {slice} on {} over IPv6", pod.node))?;
+                ensure!(
+                    a.name == pod.name,
+                    "{proto} {addr} answered by {}, want {} (slice {slice} on {})",
+                    a.name,
+                    pod.name,
+                    pod.node
+                );
+                ensure!(
+                    a.peer.ip() == remote6,
+                    "{} saw the remote as {}, want {remote6} (no NAT)",
+                    pod.name,
+                    a.peer
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Row 2 on IPv6: a slice pod's connections to the remote's IPv6 address leave from its node's
+/// IPv6 address and a port of its own slice (`net.ipv4.ip_local_port_range` confines IPv6
+/// sockets too).
+pub async fn pods_reach_remote_ipv6(ctx: &Ctx, remote6: std::net::Ipv6Addr) -> anyhow::Result<()> {
+    let remote = SocketAddrV6::new(remote6, REMOTE_PORT, 0, 0);
+    for slice in ["game", "web"] {
+        let range = ctx.range_of(slice)?;
+        for pod in ctx.pods_of(slice)? {
+            let ip6 = pod
+                .node_ip6
+                .with_context(|| format!("{} has no IPv6 address", pod.node))?;
+            for proto in ["tcp", "udp"] {
+                let a = ctx.pod_dial(&pod.name, proto, remote).await?;
+                ensure!(
+                    a.peer.ip() == ip6 && range.contains(a.peer.port()),
+                    "{} reached the remote over {proto}/IPv6 from {}, want {ip6} and a port of {range}",
+                    pod.name,
+                    a.peer
+                );
+            }
+        }
+    }
+    Ok(())
 }

@@ -131,11 +131,13 @@ pub async fn ready_pods(ctx: &Ctx, app: &str, want: usize) -> anyhow::Result<Vec
                     .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
                 let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
                 if let (true, Some(name), Some(node)) = (is_ready, p.metadata.name, node) {
-                    let node_ip = ctx.node_ip(&node)?;
+                    let n = ctx.node(&node)?;
+                    let (node_ip, node_ip6) = (n.ip, n.ip6);
                     ready.push(PodAt {
                         name,
                         node,
                         node_ip,
+                        node_ip6,
                     });
                 }
             }

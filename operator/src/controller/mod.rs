@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -39,6 +40,8 @@ pub struct Context {
     pub pods: Store<Pod>,
     /// The nodes' refusal Events (see [`refusals`]).
     pub refusals: Store<CoreEvent>,
+    /// What we published per slice (ConfigMaps, Services, EndpointSlices).
+    pub published: crate::publish::Published,
     /// Closed when this replica's Lease may have run out: no ports are handed out then.
     pub fence: Arc<Fence>,
     shared: Arc<Shared>,
@@ -179,7 +182,8 @@ pub async fn run(
         // and the operator never reads them or the labels: 10,000 slices stay small in memory.
         .modify(|s: &mut PortSlice| {
             s.managed_fields_mut().clear();
-            s.annotations_mut().clear();
+            s.annotations_mut()
+                .retain(|k, _| k == crate::publish::objects::SERVICE_ANNOTATIONS);
             s.labels_mut().clear();
         })
         .reflect(slice_writer)
@@ -211,6 +215,38 @@ pub async fn run(
     .reflect(refusal_writer)
     .touched_objects();
 
+    // What we publish, label-selected: to write only what changed, and to put back what a
+    // user deleted (each change reconciles its owner).
+    let ours = watcher::Config::default().labels(&format!(
+        "{}={}",
+        crate::publish::objects::MANAGED_BY.0,
+        crate::publish::objects::MANAGED_BY.1
+    ));
+    let (cm_store, cm_writer) = reflector::store();
+    let cms = watcher(scoped::<ConfigMap>(&client, &config), ours.clone())
+        .default_backoff()
+        .modify(|o: &mut ConfigMap| o.managed_fields_mut().clear())
+        .reflect(cm_writer)
+        .touched_objects();
+    let (svc_store, svc_writer) = reflector::store();
+    let svcs = watcher(scoped::<Service>(&client, &config), ours.clone())
+        .default_backoff()
+        .modify(|o: &mut Service| o.managed_fields_mut().clear())
+        .reflect(svc_writer)
+        .touched_objects();
+    let (es_store, es_writer) = reflector::store();
+    let ess = watcher(scoped::<EndpointSlice>(&client, &config), ours)
+        .default_backoff()
+        .modify(|o: &mut EndpointSlice| o.managed_fields_mut().clear())
+        .reflect(es_writer)
+        .touched_objects();
+    let published = crate::publish::Published {
+        config_maps: cm_store,
+        services: svc_store,
+        endpoint_slices: es_store,
+        written: Default::default(),
+    };
+
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -226,12 +262,16 @@ pub async fn run(
         config,
         pods: pod_store,
         refusals: refusal_store,
+        published,
         fence,
         shared,
     });
     info!("controller starting");
     Controller::for_stream(slices, slice_store)
         .watches_stream(pods, |pod: Pod| pods::slice_of(&pod))
+        .owns_stream(cms)
+        .owns_stream(svcs)
+        .owns_stream(ess)
         .watches_stream(refusal_events, |e: CoreEvent| {
             portslice_crds::refusal::refused_slice(&e)
                 .map(|(ns, name)| ObjectRef::new(&name).within(&ns))
@@ -248,4 +288,15 @@ pub async fn run(
         .await;
     info!("controller stopped");
     Ok(())
+}
+
+/// An Api of `K` in the watched namespace, or all of them.
+fn scoped<K>(client: &Client, config: &Config) -> Api<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+{
+    match &config.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
 }

@@ -1,5 +1,5 @@
 //! Pods of a slice: who holds the slice's range on which node. Pure functions over pod objects.
-use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Pod, PodCondition, PodSpec, PodStatus};
 use kube::ResourceExt;
 use kube::api::ObjectMeta;
 use kube::runtime::reflector::ObjectRef;
@@ -84,9 +84,23 @@ pub fn strip(pod: &mut Pod) {
         containers: Vec::new(),
         ..PodSpec::default()
     });
-    let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
+    // The phase (does it hold ports), and for the slice's EndpointSlice its node address and
+    // readiness.
+    let status = pod.status.take().unwrap_or_default();
     pod.status = Some(PodStatus {
-        phase,
+        phase: status.phase,
+        host_ip: status.host_ip,
+        host_ips: status.host_ips,
+        conditions: status.conditions.map(|c| {
+            c.into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|c| PodCondition {
+                    type_: c.type_,
+                    status: c.status,
+                    ..PodCondition::default()
+                })
+                .collect()
+        }),
         ..PodStatus::default()
     });
 }

@@ -32,6 +32,8 @@ pub enum Error {
     /// so a deleted slice that must keep its range returns this, with when to look again.
     #[error("range still held (pods running or quarantine); checking again in {0:?}")]
     Held(Duration),
+    #[error("publishing the slice: {0}")]
+    Publish(#[source] crate::publish::PublishError),
     /// The leader Lease may have expired (see `leader::Fence`); hand out nothing.
     #[error("not handing out ports: the leader Lease may have expired")]
     Fenced,
@@ -45,6 +47,7 @@ impl Error {
             Error::NoNamespace(_) => "no_namespace",
             Error::Held(_) => "held",
             Error::Fenced => "fenced",
+            Error::Publish(_) => "publish",
             Error::Finalizer(e) => match e.as_ref() {
                 finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
                     inner.label()
@@ -145,6 +148,29 @@ async fn apply(obj: &PortSlice, ctx: &Context, api: &Api<PortSlice>) -> Result<A
         return Err(Error::Fenced);
     }
     write_status(obj, api, &outcome, slivers, None, node_refusals).await?;
+    if let Outcome::Allocated { range } = outcome
+        && ctx.config.publish
+    {
+        let named = portslice_crds::names::resolve(&obj.spec.names, range, &obj.spec.protocols);
+        match crate::publish::sync(
+            &ctx.client,
+            &ctx.published,
+            &ctx.metrics,
+            obj,
+            range,
+            &named,
+            &members,
+        )
+        .await
+        {
+            Ok(()) => {}
+            // Someone else's object under our name: say so on the slice, keep the rest working.
+            Err(e @ crate::publish::PublishError::Foreign { .. }) => {
+                warn_event(ctx, obj, "PublishConflict", e.to_string()).await;
+            }
+            Err(e) => return Err(Error::Publish(e)),
+        }
+    }
     if newly_allocated {
         ctx.metrics.allocations.inc();
         if let Outcome::Allocated { range } = &outcome {
@@ -350,6 +376,8 @@ async fn write_status(
             slivers,
             drained_at,
             node_refusals,
+            names: &obj.spec.names,
+            protocols: &obj.spec.protocols,
             now: &now,
         },
     );
@@ -382,6 +410,20 @@ async fn write(
     )
     .await?;
     Ok(())
+}
+
+/// A Warning Event on the slice. A failed Event is logged, never fatal.
+async fn warn_event(ctx: &Context, obj: &PortSlice, reason: &str, note: String) {
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Publish".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        warn!(error = %e, "failed to publish event");
+    }
 }
 
 /// Emits an Event for the outcome. A failed Event is logged, never fatal.

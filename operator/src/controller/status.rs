@@ -1,5 +1,8 @@
 //! What a slice's status should say, computed without I/O from the reconcile's decision.
-use portslice_crds::{Condition, NodeRefusal, PortRange, PortSliceStatus, Sliver, conditions};
+use portslice_crds::{
+    Condition, NodeRefusal, PortName, PortRange, PortSliceStatus, Protocol, Sliver, conditions,
+    names,
+};
 
 /// The reconcile's verdict on a slice.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +59,9 @@ pub struct StatusInput<'a> {
     pub drained_at: Option<String>,
     /// Nodes refusing the slice's pods now (see `refusals`).
     pub node_refusals: Vec<NodeRefusal>,
+    /// `spec.names` and `spec.protocols`, resolved into `namedPorts` once there is a range.
+    pub names: &'a [PortName],
+    pub protocols: &'a [Protocol],
     /// RFC 3339 "now", used only for conditions whose status changes.
     pub now: &'a str,
 }
@@ -106,8 +112,20 @@ pub fn desired(outcome: &Outcome, input: StatusInput<'_>) -> PortSliceStatus {
             input.now,
         ),
     ];
+    let named_ports = range
+        .map(|r| names::resolve(input.names, r, input.protocols))
+        .unwrap_or_default();
+    let named_ports_text = (!named_ports.is_empty()).then(|| {
+        named_ports
+            .iter()
+            .map(|n| n.text())
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
     PortSliceStatus {
         range,
+        named_ports,
+        named_ports_text,
         range_text: range.map(|r| r.to_string()),
         size: range.map(|r| r.len()),
         sliver_count: u32::try_from(input.slivers.len()).unwrap_or(u32::MAX),
@@ -169,6 +187,8 @@ mod tests {
             slivers: vec![],
             drained_at: None,
             node_refusals: vec![],
+            names: &[],
+            protocols: &[],
             now,
         }
     }

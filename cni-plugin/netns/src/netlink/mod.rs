@@ -14,9 +14,17 @@ use rtnetlink::packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
     NetlinkMessage, NetlinkPayload,
 };
-use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 
-use super::NetnsError;
+use super::{Family, NetnsError};
+
+/// The netlink family of an address family.
+fn address_family(family: Family) -> AddressFamily {
+    match family {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
+    }
+}
 
 /// Dumps interrupted by concurrent changes (NLM_F_DUMP_INTR) are retried this often
 /// (containernetworking/plugins#1121 is what happens when they are not).

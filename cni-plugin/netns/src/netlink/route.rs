@@ -1,28 +1,44 @@
-//! IPv4 routes: read (with the kernel's message kept for exact deletes and replaces) and added.
+//! Routes of either family: read (with the kernel's message kept for exact deletes and
+//! replaces) and added.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use rtnetlink::RouteMessageBuilder;
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
 };
-use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 
-use super::{Listed, Nl};
-use crate::NetnsError;
+use super::{Listed, Nl, address_family};
 use crate::plan::TABLE_MAIN;
+use crate::{Family, NetnsError};
 
 /// A route as the parts we act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
     pub table: u32,
-    pub destination: Option<Ipv4Addr>,
+    pub destination: Option<IpAddr>,
     pub prefix: u8,
-    pub gateway: Option<Ipv4Addr>,
-    pub pref_source: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
+    pub pref_source: Option<IpAddr>,
     /// Who added it (`proto`): ours carry [`crate::plan::PROTO_PORTSLICE`].
     pub protocol: u8,
     pub unicast: bool,
+}
+
+fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    }
+}
+
+fn route_address(ip: IpAddr) -> RouteAddress {
+    match ip {
+        IpAddr::V4(a) => RouteAddress::Inet(a),
+        IpAddr::V6(a) => RouteAddress::Inet6(a),
+    }
 }
 
 impl Route {
@@ -33,10 +49,7 @@ impl Route {
 
     fn from_message(m: &RouteMessage) -> Self {
         let addr = |pick: fn(&RouteAttribute) -> Option<&RouteAddress>| {
-            m.attributes.iter().find_map(|a| match pick(a) {
-                Some(RouteAddress::Inet(ip)) => Some(*ip),
-                _ => None,
-            })
+            m.attributes.iter().find_map(|a| pick(a).and_then(ip_of))
         };
         let table = m
             .attributes
@@ -67,30 +80,64 @@ impl Route {
     }
 }
 
-/// A route to add to the main table.
+/// A route to add to the main table. Every address is of one family (that of `destination`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NewRoute {
-    pub destination: Ipv4Addr,
+    pub destination: IpAddr,
     pub prefix: u8,
-    pub gateway: Ipv4Addr,
-    pub pref_source: Ipv4Addr,
+    pub gateway: IpAddr,
+    pub pref_source: IpAddr,
     pub oif: u32,
     pub protocol: u8,
 }
 
 pub type ListedRoute = Listed<Route, RouteMessage>;
 
+fn mixed(r: &NewRoute) -> NetnsError {
+    NetnsError::Netlink {
+        what: format!("building the route {r:?}"),
+        source: std::io::Error::other("addresses of two families in one route"),
+    }
+}
+
+impl NewRoute {
+    fn to_message(self) -> Result<RouteMessage, NetnsError> {
+        let protocol = RouteProtocol::Other(self.protocol);
+        match (self.destination, self.gateway, self.pref_source) {
+            (IpAddr::V4(d), IpAddr::V4(g), IpAddr::V4(s)) => {
+                Ok(RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(d, self.prefix)
+                    .gateway(g)
+                    .pref_source(s)
+                    .output_interface(self.oif)
+                    .protocol(protocol)
+                    .build())
+            }
+            (IpAddr::V6(d), IpAddr::V6(g), IpAddr::V6(s)) => {
+                Ok(RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(d, self.prefix)
+                    .gateway(g)
+                    .pref_source(s)
+                    .output_interface(self.oif)
+                    .protocol(protocol)
+                    .build())
+            }
+            _ => Err(mixed(&self)),
+        }
+    }
+}
+
 impl Nl {
-    pub fn routes_v4(&self) -> Result<Vec<ListedRoute>, NetnsError> {
+    /// Every route of `family`, of every table.
+    pub fn routes(&self, family: Family) -> Result<Vec<ListedRoute>, NetnsError> {
+        let want = address_family(family);
         let mut req = RouteMessage::default();
-        req.header.address_family = AddressFamily::Inet;
+        req.header.address_family = want;
         self.dump(
             RouteNetlinkMessage::GetRoute(req),
             "listing routes",
             |m| match m {
-                RouteNetlinkMessage::NewRoute(r)
-                    if r.header.address_family == AddressFamily::Inet =>
-                {
+                RouteNetlinkMessage::NewRoute(r) if r.header.address_family == want => {
                     Some(Listed {
                         item: Route::from_message(&r),
                         raw: r,
@@ -103,21 +150,14 @@ impl Nl {
 
     /// Adds `r` (EEXIST when there: see [`super::ignore_exists`]).
     pub fn add_route(&self, r: &NewRoute, what: &str) -> Result<(), NetnsError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(r.destination, r.prefix)
-            .gateway(r.gateway)
-            .pref_source(r.pref_source)
-            .output_interface(r.oif)
-            .protocol(RouteProtocol::Other(r.protocol))
-            .build();
-        self.add(RouteNetlinkMessage::NewRoute(msg), false, what)
+        self.add(RouteNetlinkMessage::NewRoute(r.to_message()?), false, what)
     }
 
     /// Replaces a listed route by itself with another preferred source (`None`: none).
     pub fn set_pref_source(
         &self,
         r: &ListedRoute,
-        source: Option<Ipv4Addr>,
+        source: Option<IpAddr>,
         what: &str,
     ) -> Result<(), NetnsError> {
         let mut msg = r.raw.clone();
@@ -125,7 +165,7 @@ impl Nl {
             .retain(|a| !matches!(a, RouteAttribute::PrefSource(_)));
         if let Some(ip) = source {
             msg.attributes
-                .push(RouteAttribute::PrefSource(RouteAddress::Inet(ip)));
+                .push(RouteAttribute::PrefSource(route_address(ip)));
         }
         self.add(RouteNetlinkMessage::NewRoute(msg), true, what)
     }

@@ -1,5 +1,5 @@
-//! ADD: wire a slice pod (node address, routes, rules, sysctls, datapath) and print the previous
-//! result with the node address added.
+//! ADD: wire a slice pod (node addresses, routes, rules, sysctls, datapath) and print the
+//! previous result with the node addresses added: each family the node shares and the pod has.
 //!
 //! Every other pod gets the previous result back untouched, whatever is wrong on our side (a
 //! cniVersion we do not speak, a bad field of ours, no datapath, an interface that is no veth): a
@@ -10,6 +10,8 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use portslice_netns::NodeAddrs;
+
 use serde_json::Value;
 
 use super::slice::find_slice;
@@ -17,7 +19,7 @@ use super::{asks_for_slice, datapath_err, lock_node, netns_err, not_loaded, open
 use crate::cni::config::{Envelope, PluginConfig};
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, code};
-use crate::cni::result::{CniResult, PodAddress};
+use crate::cni::result::{CniResult, PodAddresses};
 use crate::node::{pod_state, refusal, reserved_ports};
 use crate::slice_source::FoundSlice;
 use portslice_datapath::{PinnedDatapath, PodAttachment, SliceBinding, SourceCidr};
@@ -71,7 +73,9 @@ fn attach_plain_pod(env: &CniEnv, pin_root: &Path, prev: &Value) {
 }
 
 fn try_attach_plain_pod(env: &CniEnv, pin_root: &Path, prev: &Value) -> Result<bool, CniError> {
-    let pod = CniResult::from_value(prev.clone())?.pod_address(&env.ifname)?;
+    // Whatever families the primary plugin gave it (IPv4, IPv6, both, none): the entry is by
+    // host interface, and its private IPv4 address is only recorded.
+    let pod = CniResult::from_value(prev.clone())?.pod_addresses(&env.ifname)?;
     let Some(mut dp) = open_datapath(pin_root)? else {
         return Ok(false);
     };
@@ -87,7 +91,7 @@ fn try_attach_plain_pod(env: &CniEnv, pin_root: &Path, prev: &Value) -> Result<b
     let attachment = PodAttachment {
         container_id: env.container_id.clone(),
         host_veth_ifindex: host_ifindex,
-        pod_private_ip: pod.private.addr,
+        pod_private_ip: pod.first_v4().unwrap_or(Ipv4Addr::UNSPECIFIED),
         slice: None,
     };
     dp.attach_pod(&attachment)
@@ -102,9 +106,10 @@ fn add_slice_pod(
     found: &FoundSlice,
 ) -> Result<String, CniError> {
     let prev = CniResult::from_value(prev.clone())?;
-    let pod = prev.pod_address(&env.ifname)?;
-    wire_slice_pod(env, conf, &pod, &found.binding, &found.allowed_sources)?;
-    prev.with_node_address(conf.version, &pod, conf.node_ip)
+    let pod = prev.pod_addresses(&env.ifname)?;
+    let w = wiring_for(env, conf, &pod, &found.binding)?;
+    wire_slice_pod(env, conf, &w, &pod, &found.binding, &found.allowed_sources)?;
+    prev.with_node_addresses(conf.version, pod.interface_index, &w)
         .to_json()
 }
 
@@ -116,20 +121,44 @@ fn not_a_veth(env: &CniEnv) -> CniError {
     .with_details("portslice needs the primary plugin to connect pods to the node with veth pairs")
 }
 
+/// The slice pod's wiring: each family the node shares and the pod has. A pod with none of the
+/// node's families cannot hold the slice (107).
 pub fn wiring_for(
     env: &CniEnv,
     conf: &PluginConfig,
-    pod: &PodAddress,
+    pod: &PodAddresses,
     slice: &SliceBinding,
-) -> PodWiring {
-    PodWiring {
-        ifname: env.ifname.clone(),
-        node_ip: conf.node_ip,
-        private: pod.private,
-        gateway: pod.gateway,
-        cluster_cidrs: conf.cluster_cidrs.clone(),
-        range: slice.range,
+) -> Result<PodWiring, CniError> {
+    let w = PodWiring::new(
+        &env.ifname,
+        slice.range,
+        &conf.node,
+        &pod.private,
+        &conf.cluster_cidrs,
+    );
+    if w.is_empty() {
+        let families = |v4: bool, v6: bool| match (v4, v6) {
+            (true, true) => "IPv4 and IPv6",
+            (true, false) => "IPv4",
+            (false, true) => "IPv6",
+            (false, false) => "no",
+        };
+        let has = |v6: bool| pod.private.iter().any(|p| p.cidr.is_ipv6() == v6);
+        return Err(CniError::new(
+            code::PREV_RESULT,
+            format!(
+                "prevResult has no address on {:?} of a family the node shares ({}; the pod has {})",
+                env.ifname,
+                families(conf.node.v4.is_some(), conf.node.v6.is_some()),
+                families(has(false), has(true)),
+            ),
+        )
+        .with_details(format!(
+            "slice {} needs the pod to have an address of the family of a node address ({}): give the pod one, or the node (nodeIP) one of the pod's family",
+            slice.slice_key, conf.node
+        )));
     }
+    Ok(w)
 }
 
 /// Steps in order, each undone (in reverse) when a later one fails. Under the node lock from the
@@ -138,18 +167,19 @@ pub fn wiring_for(
 fn wire_slice_pod(
     env: &CniEnv,
     conf: &PluginConfig,
-    pod: &PodAddress,
+    w: &PodWiring,
+    pod: &PodAddresses,
     slice: &SliceBinding,
     allowed_sources: &[SourceCidr],
 ) -> Result<(), CniError> {
     refuse_node_critical(conf, slice)?;
     let mut dp = open_datapath(&conf.pin_root)?.ok_or_else(|| not_loaded(&conf.pin_root))?;
     let _lock = lock_node(&conf.pin_root)?;
-    refuse_host_listeners(slice, conf.node_ip)?;
+    refuse_host_listeners(slice, &conf.node)?;
     refuse_second_sliver(&dp, env, slice)?;
     tracing::debug!("datapath opened, no other sliver of the slice here");
 
-    let w = wiring_for(env, conf, pod, slice);
+    let w = w.clone();
     let netns = PathBuf::from(&env.netns);
     let w2 = w.clone();
     let applied = in_netns(&netns, move || wiring::apply(&w2))
@@ -176,7 +206,7 @@ fn wire_slice_pod(
     let attachment = PodAttachment {
         container_id: env.container_id.clone(),
         host_veth_ifindex: host_ifindex,
-        pod_private_ip: pod.private.addr,
+        pod_private_ip: pod.first_v4().unwrap_or(Ipv4Addr::UNSPECIFIED),
         slice: Some(slice.clone()),
     };
     // The source filter is in place before the first port steers to the pod.
@@ -229,13 +259,14 @@ fn refuse_node_critical(conf: &PluginConfig, slice: &SliceBinding) -> Result<(),
 }
 
 /// A host process listening on a slice port would lose its traffic to the pod (steering runs
-/// before the host's socket lookup): this node refuses the slice while it listens.
-fn refuse_host_listeners(slice: &SliceBinding, node_ip: Ipv4Addr) -> Result<(), CniError> {
+/// before the host's socket lookup, on every node address): this node refuses the slice while it
+/// listens.
+fn refuse_host_listeners(slice: &SliceBinding, node: &NodeAddrs) -> Result<(), CniError> {
     let taken = listeners::taken_by(
         &listeners::host_listeners(),
         &slice.range,
         &slice.protocols,
-        node_ip,
+        node,
     );
     let Some(first) = taken.first() else {
         return Ok(());

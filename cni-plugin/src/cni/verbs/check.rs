@@ -1,5 +1,5 @@
-//! CHECK: the wiring of a slice pod is really in place — the address, routes, rules and sysctls
-//! inside the pod and the datapath entry for its host veth. A pod without a slice always passes:
+//! CHECK: the wiring of a slice pod is really in place — for each family it got, the address,
+//! routes and rules, then the sysctls inside the pod and the datapath entry for its host veth. A pod without a slice always passes:
 //! its one piece of our state (the entry that lets it reach slice pods on the node address) is
 //! best effort, and a failed CHECK would make the runtime tear down a pod we have no business with.
 
@@ -68,8 +68,8 @@ pub fn check(env: &CniEnv, conf: &PluginConfig) -> Result<(), CniError> {
             ));
         }
     };
-    let pod = prev.pod_address(&env.ifname)?;
-    let w = wiring_for(env, conf, &pod, &slice);
+    let pod = prev.pod_addresses(&env.ifname)?;
+    let w = wiring_for(env, conf, &pod, &slice)?;
     let link =
         in_netns(&PathBuf::from(&env.netns), move || wiring::check(&w)).map_err(|e| match e {
             NetnsError::Check(_) => {

@@ -14,7 +14,7 @@ use crate::cni::config::{DEFAULT_STATE_DIR, Envelope};
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, code};
 use crate::node::{pod_state, reserved_ports};
-use portslice_netns::{NetnsError, thread::in_netns, wiring};
+use portslice_netns::{NetnsError, NodeAddrs, thread::in_netns, wiring};
 use portslice_ports::RangeSet;
 
 pub fn del(env: &CniEnv, stdin: &str) -> Result<(), CniError> {
@@ -26,7 +26,7 @@ pub fn del(env: &CniEnv, stdin: &str) -> Result<(), CniError> {
     let state_dir = envelope
         .as_ref()
         .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), Envelope::state_dir);
-    let node_ip = envelope.as_ref().and_then(Envelope::node_ip);
+    let node = envelope.as_ref().and_then(Envelope::node_addrs);
 
     let mut errors = Vec::new();
     let mut slice = None;
@@ -49,8 +49,8 @@ pub fn del(env: &CniEnv, stdin: &str) -> Result<(), CniError> {
         tracing::warn!(error = %format!("{e:#}"), "the pod's saved sysctls are unreadable");
         Vec::new()
     });
-    if let (false, Some(node_ip)) = (env.netns.is_empty(), node_ip)
-        && let Err(e) = teardown_netns(env, node_ip, saved)
+    if let (false, Some(node)) = (env.netns.is_empty(), node)
+        && let Err(e) = teardown_netns(env, node, saved)
     {
         errors.push(e);
     }
@@ -83,14 +83,16 @@ pub fn del(env: &CniEnv, stdin: &str) -> Result<(), CniError> {
     }
 }
 
+/// Removes what ADD put in the pod for every node address (a family the pod never got is a
+/// no-op).
 fn teardown_netns(
     env: &CniEnv,
-    node_ip: std::net::Ipv4Addr,
+    node: NodeAddrs,
     saved: Vec<(PathBuf, String)>,
 ) -> Result<(), CniError> {
     let ifname = env.ifname.clone();
     match in_netns(&PathBuf::from(&env.netns), move || {
-        wiring::teardown(&ifname, node_ip, &saved)
+        wiring::teardown(&ifname, &node, &saved)
     }) {
         Ok(()) => Ok(()),
         Err(NetnsError::Gone(path)) => {
