@@ -526,6 +526,50 @@ fn write_section(path: &str, body: &str) {
     std::fs::write(path, new).expect("writing the benchmark file");
 }
 
+/// What the portmap pod maps: iperf3 (TCP and UDP) and the request/response server.
+const PORTMAPS: [(u16, u16, &str); 3] = [
+    (8080, 5201, "tcp"),
+    (8080, 5201, "udp"),
+    (8081, 7000, "tcp"),
+];
+
+/// A node sharing only its address of `f`, as the benchmark measures it: kube-proxy-style rules
+/// (conntrack tracks everything the host stack sees, as on a node), a remote that opens many
+/// short connections (ports, TIME_WAIT reuse), a slice pod of 40000-40099 and a pod behind the
+/// portmap plugin's NAT.
+fn bench_node(f: Family) -> Topology {
+    let mut t = match f {
+        Family::V4 => {
+            let t = Topology::new_with(Stack::V4);
+            portslice_testkit::drop_conntrack_invalid(&t.node);
+            t
+        }
+        Family::V6 => {
+            let t = Topology::new_with(Stack::V6);
+            portslice_testkit::drop_conntrack_invalid6(&t.node);
+            t
+        }
+    };
+    // One sysctl for both families (Linux has no net.ipv6.ip_local_port_range).
+    t.remote
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65000");
+    t.remote.sysctl("net.ipv4.tcp_tw_reuse", "1");
+    t.node.sysctl("net.ipv4.tcp_tw_reuse", "1");
+    t.add_pod(Some((40000, 40099)));
+    t.add_pod_unattached(None);
+    portmap(&t, "ADD", &t.pods[1], f, &PORTMAPS);
+    t
+}
+
+/// The servers of the three targets: on the node, in the slice pod, in the portmap pod.
+fn start_all(t: &Topology, host: &Target, slice: &Target) -> [Servers; 3] {
+    [
+        start_servers(&t.node, host.iperf, host.rr),
+        start_servers(&t.pods[0].ns, slice.iperf, slice.rr),
+        start_servers(&t.pods[1].ns, 5201, 7000),
+    ]
+}
+
 /// Host networking, the slice pod and the portmap pod, dialled on the node address of `f`.
 fn targets(f: Family) -> (Target, Target, Target) {
     let addr = node_ip(f);
@@ -554,27 +598,9 @@ fn targets(f: Family) -> (Target, Target, Target) {
 /// The IPv6 rows, on an IPv6-only node of their own: host, slice pod and portmap pod (its
 /// ip6tables DNAT) with one port, then the slice pod holding 10,000 ports.
 fn ipv6_rows(s: &Settings) -> Vec<Row> {
-    let mut t = Topology::new_with(Stack::V6);
-    portslice_testkit::drop_conntrack_invalid6(&t.node);
-    // One sysctl for both families (Linux has no net.ipv6.ip_local_port_range).
-    t.remote
-        .sysctl("net.ipv4.ip_local_port_range", "1024 65000");
-    t.remote.sysctl("net.ipv4.tcp_tw_reuse", "1");
-    t.node.sysctl("net.ipv4.tcp_tw_reuse", "1");
-    t.add_pod(Some((40000, 40099)));
-    t.add_pod_unattached(None);
-    let pm_maps = [
-        (8080, 5201, "tcp"),
-        (8080, 5201, "udp"),
-        (8081, 7000, "tcp"),
-    ];
-    portmap(&t, "ADD", &t.pods[1], Family::V6, &pm_maps);
+    let t = bench_node(Family::V6);
     let (host, slice, nat) = targets(Family::V6);
-    let servers = [
-        start_servers(&t.node, host.iperf, host.rr),
-        start_servers(&t.pods[0].ns, slice.iperf, slice.rr),
-        start_servers(&t.pods[1].ns, 5201, 7000),
-    ];
+    let servers = start_all(&t, &host, &slice);
     let mut rows = Vec::new();
     for target in [&host, &slice, &nat] {
         rows.push(measure(&t, s, "IPv6, 1 port", target));
@@ -586,7 +612,7 @@ fn ipv6_rows(s: &Settings) -> Vec<Row> {
     };
     rows.push(measure(&t, s, "IPv6, 10,000 ports", &slice10));
     drop(servers);
-    portmap(&t, "DEL", &t.pods[1], Family::V6, &pm_maps);
+    portmap(&t, "DEL", &t.pods[1], Family::V6, &PORTMAPS);
     rows
 }
 
@@ -597,28 +623,9 @@ fn datapath_benchmark() {
         return;
     }
     let s = Settings::from_env();
-    let mut t = Topology::new();
-    // kube-proxy-style rules: conntrack tracks everything the host stack sees, as on a node.
-    portslice_testkit::drop_conntrack_invalid(&t.node);
-    // The remote opens many short connections: give it ports and let it reuse TIME_WAIT.
-    t.remote
-        .sysctl("net.ipv4.ip_local_port_range", "1024 65000");
-    t.remote.sysctl("net.ipv4.tcp_tw_reuse", "1");
-    t.node.sysctl("net.ipv4.tcp_tw_reuse", "1");
-    t.add_pod(Some((40000, 40099)));
-    t.add_pod_unattached(None);
-    let pm_maps = [
-        (8080, 5201, "tcp"),
-        (8080, 5201, "udp"),
-        (8081, 7000, "tcp"),
-    ];
-    portmap(&t, "ADD", &t.pods[1], Family::V4, &pm_maps);
+    let t = bench_node(Family::V4);
     let (host, slice, nat) = targets(Family::V4);
-    let servers = [
-        start_servers(&t.node, host.iperf, host.rr),
-        start_servers(&t.pods[0].ns, slice.iperf, slice.rr),
-        start_servers(&t.pods[1].ns, 5201, 7000),
-    ];
+    let servers = start_all(&t, &host, &slice);
     let mut rows = Vec::new();
     eprintln!("datapath benchmark ({} s per measurement)", s.secs);
     for target in [&host, &slice, &nat] {
@@ -648,7 +655,7 @@ fn datapath_benchmark() {
     let n = if s.quick { 5 } else { 50 };
     let small = attach_latency(&t, &t.pods[0], (40000, 40099), n);
     let big = attach_latency(&t, &t.pods[0], (40000, 49999), n);
-    portmap(&t, "DEL", &t.pods[1], Family::V4, &pm_maps);
+    portmap(&t, "DEL", &t.pods[1], Family::V4, &PORTMAPS);
     // The real plugin, exec'd as a runtime does (ptp + host-local + portslice), from the CNI
     // tests' helper. Free the slice pod's 10,000 ports first: the CNI pods use 41000-41099.
     let (cid, ifx) = (t.pods[0].container_id.clone(), t.pods[0].host_ifindex);

@@ -69,13 +69,15 @@ pub struct PortSliceSpec {
     #[x_kube(validation = Rule::new("self.all(p, self.exists_one(q, q == p))").message("protocols must not repeat"))]
     pub protocols: Vec<Protocol>,
 
-    /// Remote addresses (CIDRs, e.g. `198.51.100.0/24` or `203.0.113.7/32`) that may reach the
-    /// slice's ports on the node address: a security group for SIP trunks, TURN peers or game
-    /// clients. Empty means anyone. Enforced in eBPF on the uplink, before the pod sees a packet;
-    /// traffic from inside the cluster is not filtered. Stays editable while pods run.
+    /// Remote addresses (CIDRs of either family, e.g. `198.51.100.0/24`, `203.0.113.7/32` or
+    /// `2001:db8::/32`) that may reach the slice's ports on the node addresses: a security group
+    /// for SIP trunks, TURN peers or game clients. Empty means anyone; a list with entries of
+    /// one family only refuses every source of the other. Enforced in eBPF on the uplink, before
+    /// the pod sees a packet; traffic from inside the cluster is not filtered. Stays editable
+    /// while pods run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(max = 43)))]
-    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c).ip().family() == 4)").message("allowedSources must be IPv4 CIDRs such as 198.51.100.0/24"))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("allowedSources must be CIDRs such as 198.51.100.0/24 or 2001:db8::/32"))]
     pub allowed_sources: Vec<String>,
 
     /// Names for ports of the slice, e.g. `{name: sip, offset: 0, protocol: UDP}` and

@@ -38,7 +38,8 @@ lint() {
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
     "$TOOLS_BIN/helm" lint charts/portslice
-    # The chart's render-time pool check against the Rust rule (helm, no cluster).
+    # The chart's own tests (helm, no cluster): pools vs the Rust rule, the CRD, monitors with and
+    # without the Prometheus Operator's API, the values schema, the dashboard JSON.
     PORTSLICE_E2E_HELM="$TOOLS_BIN/helm" cargo test -p portslice-e2e --test chart
 }
 unit() {

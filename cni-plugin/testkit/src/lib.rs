@@ -791,29 +791,19 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
 /// tracks everything the host stack sees, as on a node (and a flow of which only one direction
 /// passes conntrack is dropped).
 pub fn drop_conntrack_invalid(ns: &Netns) {
-    for chain in ["INPUT", "FORWARD"] {
-        ns.run(
-            "iptables",
-            &[
-                "-A",
-                chain,
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "INVALID",
-                "-j",
-                "DROP",
-            ],
-        );
-    }
+    drop_invalid(ns, "iptables");
 }
 
 /// [`drop_conntrack_invalid`] for IPv6 (ip6tables): conntrack then tracks every IPv6 packet
 /// the host stack sees, as kube-proxy's IPv6 rules make it on a dual-stack node.
 pub fn drop_conntrack_invalid6(ns: &Netns) {
+    drop_invalid(ns, "ip6tables");
+}
+
+fn drop_invalid(ns: &Netns, tool: &str) {
     for chain in ["INPUT", "FORWARD"] {
         ns.run(
-            "ip6tables",
+            tool,
             &[
                 "-A",
                 chain,

@@ -235,21 +235,7 @@ fn ipv6_slice_traffic_creates_no_conntrack_entries() {
     }
     let mut t = topology();
     // kube-proxy style rules (ip6tables too) make conntrack track everything the host sees.
-    for chain in ["INPUT", "FORWARD"] {
-        t.node.run(
-            "ip6tables",
-            &[
-                "-A",
-                chain,
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "INVALID",
-                "-j",
-                "DROP",
-            ],
-        );
-    }
+    portslice_testkit::drop_conntrack_invalid6(&t.node);
     t.add_pod(Some(A));
     let _pod = tcp_server(&t.pods[0].ns, any(V6), 40010, "pod");
     let _podu = udp_server(&t.pods[0].ns, any(V6), 40010, "pod");
@@ -275,4 +261,118 @@ fn ipv6_slice_traffic_creates_no_conntrack_entries() {
         "conntrack does not track IPv6 in the node netns; the check would prove nothing"
     );
     assert_eq!(slice, 0, "IPv6 slice traffic left conntrack entries");
+}
+
+/// The extension-header chain is walked with a bound: a datagram behind hop-by-hop and
+/// destination options headers is steered by its UDP port like any other; one behind more
+/// headers than the programs walk (`PS_MAX_EXT_HEADERS`, 6) is never steered (it goes to the
+/// host, and is counted), nor is one with a routing header that has segments left (another
+/// hop's packet).
+#[test]
+fn ipv6_extension_headers_are_walked_with_a_bound() {
+    use portslice_testkit::icmp6::{
+        NH_DSTOPTS, NH_HOPOPTS, pad_options, routing_header, udp6_crafted_request, udp6_with_ext,
+    };
+    if !require_root("ext headers v6") {
+        return;
+    }
+    let mut t = topology();
+    t.add_pod(Some(A));
+    let _srv = udp_server(&t.pods[0].ns, any(V6), 40010, "pod");
+    let dst = SocketAddrV6::new(NODE_IP6, 40010, 0, 0);
+    let ask = |port: u16, ext: Vec<portslice_testkit::icmp6::ExtHeader>| {
+        let src = SocketAddrV6::new(REMOTE_IP6, port, 0, 0);
+        udp6_crafted_request(&t.remote, src, udp6_with_ext(src, dst, &ext, b"hi\n"))
+    };
+    let long_chains = |t: &Topology| {
+        t.with_datapath(|dp| {
+            dp.global_stats()
+                .unwrap()
+                .into_iter()
+                .find(|(n, _)| *n == "ipv6_chain_too_long")
+                .map_or(0, |(_, v)| v)
+        })
+    };
+
+    let r = ask(5601, vec![pad_options(NH_HOPOPTS), pad_options(NH_DSTOPTS)])
+        .expect("a datagram behind two extension headers reaches the slice pod");
+    assert!(r.starts_with("pod "), "{r}");
+
+    let before = long_chains(&t);
+    let mut seven = vec![pad_options(NH_HOPOPTS)];
+    seven.extend((0..6).map(|_| pad_options(NH_DSTOPTS)));
+    let r = ask(5602, seven);
+    assert!(
+        r.is_err(),
+        "a chain of 7 extension headers was steered to the pod: {r:?}"
+    );
+    assert!(
+        long_chains(&t) > before,
+        "the over-long chain was not counted"
+    );
+
+    let r = ask(5603, vec![routing_header(1, REMOTE_IP6)]);
+    assert!(
+        r.is_err(),
+        "a packet routed on to another hop was steered to the pod: {r:?}"
+    );
+}
+
+/// allowedSources on IPv6: a listed IPv6 source reaches the filtered slice pod on the node's
+/// IPv6 address, an unlisted one is dropped (and counted); an IPv4-only list admits no IPv6
+/// source at all, not even through `0.0.0.0/0`.
+#[test]
+fn allowed_sources_filter_ipv6_sources_and_never_cross_families() {
+    use portslice_datapath::SourceCidr;
+    use portslice_testkit::REMOTE_IP6_2;
+    use std::net::Ipv6Addr;
+    if !require_root("allowed sources v6") {
+        return;
+    }
+    let mut t = topology();
+    t.add_remote_address(REMOTE_IP6_2);
+    t.add_pod(Some(A));
+    let cid = t.pods[0].container_id.clone();
+    let _srv = tcp_server(&t.pods[0].ns, any(V6), 40010, "pod");
+    let set = |t: &Topology, list: &[&str]| {
+        let list: Vec<SourceCidr> = list.iter().map(|c| c.parse().unwrap()).collect();
+        let cid = cid.clone();
+        t.with_datapath(move |dp| dp.set_allowed_sources(&cid, &list).expect("set"));
+    };
+    let reaches = |t: &Topology, from: Ipv6Addr| {
+        tcp_request(
+            &t.remote,
+            SocketAddrV6::new(NODE_IP6, 40010, 0, 0),
+            Some(SocketAddr::new(from.into(), 0)),
+        )
+        .is_ok_and(|r| r.starts_with("pod "))
+    };
+    let dropped = |t: &Topology| {
+        t.with_datapath(|dp| {
+            dp.global_stats()
+                .unwrap()
+                .into_iter()
+                .find(|(n, _)| *n == "drop_source")
+                .map_or(0, |(_, v)| v)
+        })
+    };
+    assert!(
+        reaches(&t, REMOTE_IP6) && reaches(&t, REMOTE_IP6_2),
+        "no list: anyone"
+    );
+    set(&t, &["2001:2::2/128"]);
+    let before = dropped(&t);
+    assert!(reaches(&t, REMOTE_IP6), "the listed IPv6 source is refused");
+    assert!(!reaches(&t, REMOTE_IP6_2), "an unlisted IPv6 source got in");
+    assert!(dropped(&t) > before, "the refused source was not counted");
+    set(&t, &["0.0.0.0/0"]);
+    assert!(
+        !reaches(&t, REMOTE_IP6),
+        "an IPv4 entry admitted an IPv6 source"
+    );
+    set(&t, &["2001:2::/64"]);
+    assert!(
+        reaches(&t, REMOTE_IP6) && reaches(&t, REMOTE_IP6_2),
+        "a /64 admits both"
+    );
 }

@@ -2,7 +2,7 @@
 //! host (kind: the docker host) to slice pods at their node's address, pods to other nodes'
 //! slice ports, slice pods to the remote from their own ports, the ports they may not use, and
 //! the host's own ports.
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
@@ -16,11 +16,29 @@ use crate::workloads::{self, pod_by_node};
 /// Rows 1 and 7 across nodes: from the remote host, every node's address on the first two ports
 /// of each slice answers with that slice's pod on that node, which sees the remote's real address.
 pub async fn remote_reaches(ctx: &Ctx, proto: &str) -> anyhow::Result<()> {
+    remote_reaches_on(
+        ctx,
+        proto,
+        |p| Some(p.node_ip.into()),
+        ctx.s.remote_ip.into(),
+    )
+    .await
+}
+
+/// [`remote_reaches`] on the node addresses `node_addr` picks, from the remote's `remote`.
+async fn remote_reaches_on(
+    ctx: &Ctx,
+    proto: &str,
+    node_addr: fn(&PodAt) -> Option<IpAddr>,
+    remote: IpAddr,
+) -> anyhow::Result<()> {
     for slice in ["game", "web"] {
         let range = ctx.range_of(slice)?;
         for pod in ctx.pods_of(slice)? {
+            let ip = node_addr(pod)
+                .with_context(|| format!("{} has no address of the family", pod.node))?;
             for port in [range.start, range.start + 1] {
-                let addr = SocketAddrV4::new(pod.node_ip, port);
+                let addr = SocketAddr::new(ip, port);
                 let a = ctx
                     .remote_dial(proto, addr)
                     .await
@@ -33,11 +51,10 @@ pub async fn remote_reaches(ctx: &Ctx, proto: &str) -> anyhow::Result<()> {
                     pod.node
                 );
                 ensure!(
-                    a.peer.ip() == ctx.s.remote_ip,
-                    "{} saw the remote as {}, want {} (no NAT)",
+                    a.peer.ip() == remote,
+                    "{} saw the remote as {}, want {remote} (no NAT)",
                     pod.name,
-                    a.peer,
-                    ctx.s.remote_ip
+                    a.peer
                 );
             }
         }
@@ -312,37 +329,11 @@ pub async fn remote_answer(
         .await
 }
 
-/// Rows 1 and 2 on the nodes' IPv6 addresses (dual-stack clusters): the remote reaches every
-/// slice pod on its node's IPv6 address, over TCP and UDP, with no NAT; the same pods answer as
-/// on IPv4.
+/// Row 1 on the nodes' IPv6 addresses (dual-stack clusters): the remote reaches every slice pod
+/// on its node's IPv6 address, over TCP and UDP, with no NAT; the same pods answer as on IPv4.
 pub async fn remote_reaches_ipv6(ctx: &Ctx, remote6: std::net::Ipv6Addr) -> anyhow::Result<()> {
-    for slice in ["game", "web"] {
-        let range = ctx.range_of(slice)?;
-        for pod in ctx.pods_of(slice)? {
-            let ip6 = pod
-                .node_ip6
-                .with_context(|| format!("{} has no IPv6 address", pod.node))?;
-            for proto in ["tcp", "udp"] {
-                let addr = SocketAddrV6::new(ip6, range.start, 0, 0);
-                let a = ctx
-                    .remote_dial(proto, addr)
-                    .await
-                    .with_context(|| format!("slice {slice} on {} over IPv6", pod.node))?;
-                ensure!(
-                    a.name == pod.name,
-                    "{proto} {addr} answered by {}, want {} (slice {slice} on {})",
-                    a.name,
-                    pod.name,
-                    pod.node
-                );
-                ensure!(
-                    a.peer.ip() == remote6,
-                    "{} saw the remote as {}, want {remote6} (no NAT)",
-                    pod.name,
-                    a.peer
-                );
-            }
-        }
+    for proto in ["tcp", "udp"] {
+        remote_reaches_on(ctx, proto, |p| p.node_ip6.map(Into::into), remote6.into()).await?;
     }
     Ok(())
 }
