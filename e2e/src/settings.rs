@@ -156,6 +156,10 @@ mod tests {
     fn defaults_fit_the_kind_cluster() {
         let s = Settings::from_lookup(|_| None, "/agent".into(), "/repo".into()).unwrap();
         assert_eq!(s.remote_ip, Ipv4Addr::new(198, 19, 0, 1));
+        assert_eq!(
+            s.remote_ip6, None,
+            "IPv6 checks only where the remote has an address"
+        );
         assert!(s.remote_exec.is_empty(), "the docker host is the remote");
         assert_eq!(
             s.on_node("portslice-worker", &["cat", "/x"]),
@@ -173,10 +177,12 @@ mod tests {
             "PORTSLICE_E2E_NODE_EXEC" => Some("ssh root@{node}".into()),
             "PORTSLICE_E2E_REMOTE_NAME" => Some("none".into()),
             "PORTSLICE_E2E_UPLINK" => Some("ens5".into()),
+            "PORTSLICE_E2E_REMOTE_IP6" => Some("2001:2:0:1::1".into()),
             _ => None,
         };
         let s = Settings::from_lookup(env, "/agent".into(), "/repo".into()).unwrap();
         assert_eq!(s.remote_ip, Ipv4Addr::new(192, 0, 2, 9));
+        assert_eq!(s.remote_ip6, Some("2001:2:0:1::1".parse().unwrap()));
         assert_eq!(s.remote_exec, ["ssh", "remote"]);
         assert_eq!(s.on_node("n1", &["true"]), ["ssh", "root@n1", "true"]);
         assert_eq!(s.remote_name, None);
@@ -188,6 +194,9 @@ mod tests {
         let env = |k: &str| (k == "PORTSLICE_E2E_REMOTE_IP").then(|| "300.1.1.1".to_string());
         let e = Settings::from_lookup(env, "/a".into(), "/r".into()).unwrap_err();
         assert!(e.to_string().contains("PORTSLICE_E2E_REMOTE_IP"));
+        let env = |k: &str| (k == "PORTSLICE_E2E_REMOTE_IP6").then(|| "198.19.0.1".to_string());
+        let e = Settings::from_lookup(env, "/a".into(), "/r".into()).unwrap_err();
+        assert!(e.to_string().contains("PORTSLICE_E2E_REMOTE_IP6"), "{e}");
         let env = |k: &str| (k == "PORTSLICE_E2E_NODE_EXEC").then(|| "ssh".to_string());
         let e = Settings::from_lookup(env, "/a".into(), "/r".into()).unwrap_err();
         assert!(e.to_string().contains("{node}"), "{e}");

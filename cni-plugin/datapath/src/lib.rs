@@ -44,6 +44,7 @@
 
 pub mod abi;
 mod attach;
+mod batch;
 pub mod layout;
 pub mod loader;
 mod migrate;
@@ -114,6 +115,14 @@ pub enum DatapathError {
     Many(Vec<DatapathError>),
 }
 
+/// A failed batch call on the port table.
+fn batch_err(source: std::io::Error) -> DatapathError {
+    DatapathError::Io {
+        what: format!("batch access to the {} map", abi::map::PORT_OWNER),
+        source,
+    }
+}
+
 fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
 }
@@ -165,6 +174,8 @@ pub struct PinnedDatapath {
     pod_meta: HashMap<MapData, abi::MetaKey, abi::PodMeta>,
     global_stats: Array<MapData, u64>,
     src_allow: LpmTrie<MapData, abi::SrcData, abi::SrcVal>,
+    /// The same `port_owner` map, for whole runs of keys in one call.
+    port_runs: batch::PortRuns,
 }
 
 /// Opens one pinned map of this layout. The layout's directory appears only complete, so an
@@ -257,6 +268,14 @@ impl PinnedDatapath {
             src_allow: get(abi::map::SRC_ALLOW)?
                 .try_into()
                 .map_err(pin_err(pin_root, abi::map::SRC_ALLOW))?,
+            port_runs: batch::PortRuns::new(
+                MapData::from_pin(layout::map_pin(pin_root, abi::map::PORT_OWNER)).map_err(
+                    |e| DatapathError::Pin {
+                        path: layout::map_pin(pin_root, abi::map::PORT_OWNER),
+                        detail: e.to_string(),
+                    },
+                )?,
+            ),
         })
     }
 
@@ -332,13 +351,17 @@ impl PinnedDatapath {
             host_ifindex: ifindex,
             flags: table::pod_flags(pod) | filter,
         };
-        let keys = table::port_keys(pod);
+        let runs = pod.slice.as_ref().map_or_else(Vec::new, |s| {
+            batch::runs(
+                s.range.start,
+                s.range.end,
+                s.protocols.contains(&Protocol::TCP),
+                s.protocols.contains(&Protocol::UDP),
+            )
+        });
+        let ports: u32 = runs.iter().map(|(a, b)| b - a + 1).sum();
         // Refuse before writing anything: a port held by another pod stays with it.
-        for &k in &keys {
-            let cur = self
-                .port_owner
-                .get(&k, 0)
-                .map_err(map_err(abi::map::PORT_OWNER))?;
+        for (k, cur) in self.port_owners(&runs)? {
             if cur.host_ifindex != 0 && cur.host_ifindex != ifindex {
                 return Err(table::taken(k, cur.host_ifindex));
             }
@@ -356,10 +379,8 @@ impl PinnedDatapath {
         for c in sources {
             self.insert_source(ifindex, c)?;
         }
-        for &k in &keys {
-            self.port_owner
-                .set(k, owner, 0)
-                .map_err(map_err(abi::map::PORT_OWNER))?;
+        for &(first, last) in &runs {
+            self.set_port_owners(first, last, owner)?;
         }
         // The pod's packets carry the node address as source: without these the host drops
         // them as martians before our hairpin/host-port paths see them.
@@ -376,7 +397,7 @@ impl PinnedDatapath {
             let mut prog = loader::pinned_program(&self.pin_root, abi::prog::POD_EGRESS)?;
             self.mode.attach(&mut prog, ifname, &pin)?;
         }
-        tracing::debug!(container_id = %pod.container_id, ifname, ports = keys.len(), sources = sources.len(), "pod attached");
+        tracing::debug!(container_id = %pod.container_id, ifname, ports, sources = sources.len(), "pod attached");
         Ok(())
     }
 
@@ -485,6 +506,78 @@ impl PinnedDatapath {
         many(errors)
     }
 
+    /// The owner of every key of `runs`: one call per run where the kernel batches, one per key
+    /// where it does not.
+    fn port_owners(
+        &self,
+        runs: &[(u32, u32)],
+    ) -> Result<Vec<(u32, abi::PortOwner)>, DatapathError> {
+        let mut out = Vec::new();
+        for &(first, last) in runs {
+            match self.port_runs.read(first, last).map_err(batch_err)? {
+                Some(owners) => out.extend((first..=last).zip(owners)),
+                None => {
+                    for k in first..=last {
+                        let o = self
+                            .port_owner
+                            .get(&k, 0)
+                            .map_err(map_err(abi::map::PORT_OWNER))?;
+                        out.push((k, o));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `owner` at keys `first..=last`, in one call where the kernel batches.
+    fn set_port_owners(
+        &mut self,
+        first: u32,
+        last: u32,
+        owner: abi::PortOwner,
+    ) -> Result<(), DatapathError> {
+        let values = vec![owner; (last - first + 1) as usize];
+        if self.port_runs.write(first, &values).map_err(batch_err)? {
+            return Ok(());
+        }
+        for k in first..=last {
+            self.port_owner
+                .set(k, owner, 0)
+                .map_err(map_err(abi::map::PORT_OWNER))?;
+        }
+        Ok(())
+    }
+
+    /// Frees the keys of `runs` that still point at `ifindex` (never a port someone else
+    /// holds), each unbroken span of them in one write.
+    fn free_ports_of(&mut self, ifindex: u32, runs: &[(u32, u32)]) -> Result<(), DatapathError> {
+        let owners = self.port_owners(runs)?;
+        let mut span: Option<(u32, u32)> = None;
+        let mut spans = Vec::new();
+        for (k, o) in owners {
+            let ours = o.host_ifindex == ifindex;
+            span = match (span, ours) {
+                (Some((a, b)), true) if b + 1 == k => Some((a, k)),
+                (Some(s), true) => {
+                    spans.push(s);
+                    Some((k, k))
+                }
+                (None, true) => Some((k, k)),
+                (Some(s), false) => {
+                    spans.push(s);
+                    None
+                }
+                (None, false) => None,
+            };
+        }
+        spans.extend(span);
+        for (a, b) in spans {
+            self.set_port_owners(a, b, abi::PortOwner::default())?;
+        }
+        Ok(())
+    }
+
     /// Sets or clears [`abi::F_SRC_FILTER`] on every port slot the pod holds.
     fn set_filter_flag(&mut self, meta: &abi::PodMeta, on: bool) -> Result<(), DatapathError> {
         if meta.has_slice == 0 {
@@ -557,22 +650,10 @@ impl PinnedDatapath {
                 .or(info
                     .filter(|i| i.flags & abi::F_SLICE != 0)
                     .map(|i| (i.port_lo, i.port_hi)));
-            if let Some((lo, hi)) = range {
-                for tcp in [true, false] {
-                    for port in lo..=hi {
-                        let k = abi::port_key(tcp, port);
-                        match self.port_owner.get(&k, 0) {
-                            Ok(o) if o.host_ifindex == ifindex => {
-                                if let Err(e) = self.port_owner.set(k, abi::PortOwner::default(), 0)
-                                {
-                                    errors.push(map_err(abi::map::PORT_OWNER)(e));
-                                }
-                            }
-                            Ok(_) => {}
-                            Err(e) => errors.push(map_err(abi::map::PORT_OWNER)(e)),
-                        }
-                    }
-                }
+            if let Some((lo, hi)) = range
+                && let Err(e) = self.free_ports_of(ifindex, &batch::runs(lo, hi, true, true))
+            {
+                errors.push(e);
             }
             // The list goes after the ports: nothing steers to the pod by then.
             match self.sources_of(ifindex) {

@@ -414,3 +414,56 @@ fn an_old_daemon_in_its_grace_period_does_not_overwrite_the_new_ones_kubeconfig(
         "the new daemon rewrites a deleted kubeconfig"
     );
 }
+
+/// `--uplink auto` on a node whose shared address sits on no interface (a cloud 1:1 NAT public
+/// address): the daemon stops before touching anything, with an error that names the address
+/// and the chart values to set instead.
+#[test]
+fn an_address_on_no_interface_stops_the_daemon_naming_the_values_to_set() {
+    if !require_root("daemon_uplink_auto") {
+        return;
+    }
+    let t = Topology::bare();
+    let mut args = t.daemon_args();
+    // The topology's own address and uplink out; a public address this node does not hold in.
+    let at = args
+        .iter()
+        .position(|a| a == "--node-ip")
+        .expect("--node-ip");
+    args.drain(at..at + 2);
+    let at = args.iter().position(|a| a == "--uplink").expect("--uplink");
+    args.drain(at..at + 2);
+    let mut child = t
+        .node
+        .command(portslice_testkit::daemon_binary().to_str().unwrap())
+        .args(&args)
+        .args([
+            "--uplink",
+            "auto",
+            "--node-ip",
+            "198.18.99.99",
+            "--no-cni-install",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running the daemon");
+    // A daemon that does not refuse runs on: give it 10 s, then stop it and fail.
+    let status = eventually(Duration::from_secs(10), || child.try_wait().ok().flatten());
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("the daemon's output");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the daemon started on an address no interface holds: {log}"
+    );
+    for want in ["198.18.99.99", "node.uplink", "node.ip"] {
+        assert!(log.contains(want), "the error names {want}: {log}");
+    }
+    assert!(
+        !t.pin_root.join("links").exists(),
+        "the daemon attached something before refusing"
+    );
+}

@@ -285,3 +285,42 @@ fn concurrent_adds_of_one_slice_wire_exactly_one_pod() {
         rt.del(p).expect("DEL");
     }
 }
+
+/// The port table is written and freed in whole runs (one bpf(2) batch call per protocol):
+/// every key of a 10,000-port slice ending at 65535 points at its pod (CHECK reads each key on
+/// its own), a slice overlapping it by one port is refused before anything is written, and
+/// freeing one slice leaves its neighbour's keys, right next to it, untouched.
+#[test]
+fn the_port_table_is_written_and_freed_in_runs_key_for_key() {
+    if !require_root("port_runs") {
+        return;
+    }
+    let mut t = Topology::new();
+    t.add_pod_unattached(Some((55536, 65535)));
+    t.add_pod_unattached(Some((45536, 55535)));
+    t.add_pod_unattached(Some((45000, 45536)));
+    let (a, b, overlap) = (t.attachment(0), t.attachment(1), t.attachment(2));
+    t.with_datapath(move |dp| {
+        dp.attach_pod(&a)
+            .expect("attach the 10,000 ports up to 65535");
+        dp.check_pod(&a).expect("every key points at the pod");
+        dp.attach_pod(&b)
+            .expect("attach the 10,000 ports right below");
+        dp.check_pod(&b).expect("every key of the neighbour too");
+        let refused = dp
+            .attach_pod(&overlap)
+            .expect_err("one port of b's is taken");
+        assert!(
+            matches!(refused, portslice_datapath::DatapathError::PortTaken { .. }),
+            "{refused}"
+        );
+        dp.check_pod(&b)
+            .expect("the refused attach wrote nothing over b");
+        dp.detach_pod(&a.container_id, Some(a.host_veth_ifindex))
+            .expect("detach a");
+        dp.check_pod(&b).expect("freeing a left b's keys alone");
+        // a's keys are free again: a slice of exactly those ports attaches.
+        dp.attach_pod(&a).expect("a's ports were all freed");
+        dp.check_pod(&a).expect("and written again");
+    });
+}
