@@ -126,7 +126,7 @@ EOF
     read -r es_w other_w status_w <<<"$sliver_writes"
     changes=$((2 * k))
     log "$n slices, $k slivers up and down ($changes changes): $sliver_out; EndpointSlice writes $es_w, ConfigMap+Service writes $other_w, status writes $status_w ($sliver_breakdown)"
-    sliver_rows+=("| $n | $changes | $es_w | $(python3 -c "print(f'{$es_w/$changes:.2f}')") | $other_w | $status_w |")
+    sliver_rows+=("| $n | $k | $es_w | $(python3 -c "print(f'{$es_w/$k:.2f}')") | $other_w | $status_w |")
     hwm=$(proc_kb "$op_pid" VmHWM); rss=$(proc_kb "$op_pid" VmRSS)
     errors=$(curl -sf "http://127.0.0.1:$metrics_port/metrics" | sed -n 's/^portslice_reconcile_errors_total{error="\([a-z_]*\)"} \([0-9]*\).*/\1=\2/p' | tr '\n' ' ')
     log "operator reconcile errors: ${errors:-none}"
@@ -154,9 +154,9 @@ table=$(
     echo "Request breakdown:"
     printf '%s\n' "${breakdowns[@]}"
     echo
-    echo "Publishing is on (the default): each allocated slice also gets its ConfigMap, headless Service and EndpointSlice (3 creates). Then, among the N allocated slices, pods for $SLIVERS of them appear (status written as a kubelet would) and go: what each sliver change costs."
+    echo "Publishing is on (the default): each allocated slice also gets its ConfigMap, headless Service and EndpointSlice (3 creates). Then, among the N allocated slices, pods for $SLIVERS of them appear (status written as a kubelet would) and go. Each pod's endpoint changes three times: ready, terminating (the API server marks a bound pod deleted before it removes it), gone; one write per change is 3 per pod (2 when the last two land in one reconcile)."
     echo
-    echo "| slices | sliver changes | EndpointSlice writes | per change | ConfigMap + Service writes | PortSlice status writes |"
+    echo "| slices | pods up and down | EndpointSlice writes | per pod | ConfigMap + Service writes | PortSlice status writes |"
     echo "|---:|---:|---:|---:|---:|---:|"
     printf '%s\n' "${sliver_rows[@]}"
     echo

@@ -1,9 +1,8 @@
 //! Publishing an allocated slice to the pods and clients that need its ports: its ConfigMap,
 //! headless Service and EndpointSlice ([`objects`] builds them). Writes only what differs from
 //! the watched copy (or, until the watch delivers our own last write, from that write), so a
-//! reconcile that changes nothing writes nothing, and a sliver coming or going is one
-//! EndpointSlice write (1.5 per change when a hundred come and go at once: the operator
-//! benchmark measures it).
+//! reconcile that changes nothing writes nothing, and each change of a sliver's endpoint
+//! (ready, terminating, gone) is one EndpointSlice write: the operator benchmark counts them.
 pub mod objects;
 
 use std::fmt::Debug;
