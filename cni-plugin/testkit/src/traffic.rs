@@ -397,53 +397,63 @@ pub fn icmp_responder(ns: &Netns, expect: usize) -> JoinHandle<Vec<(Ipv4Addr, u1
         }
     });
     std::thread::spawn(move || {
-        let mut seen: Vec<(Ipv4Addr, Vec<u8>)> = Vec::new();
+        let mut seen = Vec::new();
         let deadline = std::time::Instant::now() + TIMEOUT;
-        let mut buf = [0u8; 1500];
         while seen.len() < expect && std::time::Instant::now() < deadline {
-            // SAFETY: buf is valid for its length.
-            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 28 {
-                continue;
-            }
-            let ihl = usize::from(buf[0] & 0xf) * 4;
-            let icmp = buf[ihl..n as usize].to_vec();
-            if icmp[0] == 8 {
-                seen.push((Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]), icmp));
-            }
+            seen.extend(recv_echo_request(fd));
         }
-        let mut out = Vec::new();
-        for (src, mut icmp) in seen {
-            out.push((src, u16::from_be_bytes([icmp[4], icmp[5]])));
-            icmp[0] = 0;
-            icmp[2] = 0;
-            icmp[3] = 0;
-            let c = csum(&icmp);
-            icmp[2..4].copy_from_slice(&c.to_be_bytes());
-            let sa = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(src.octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: valid buffer and address.
-            unsafe {
-                libc::sendto(
-                    fd,
-                    icmp.as_ptr().cast(),
-                    icmp.len(),
-                    0,
-                    (&sa as *const libc::sockaddr_in).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as u32,
-                );
-            }
-        }
-        // SAFETY: we own fd.
-        unsafe { libc::close(fd) };
-        out
+        answer_echoes_and_close(fd, seen)
     })
+}
+
+/// One datagram from the raw ICMP socket `fd` (its receive timeout bounds the wait): the
+/// sender and the ICMP message, if it is an echo request.
+fn recv_echo_request(fd: i32) -> Option<(Ipv4Addr, Vec<u8>)> {
+    let mut buf = [0u8; 1500];
+    // SAFETY: buf is valid for its length.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 28 {
+        return None;
+    }
+    let ihl = usize::from(buf[0] & 0xf) * 4;
+    let icmp = buf[ihl..n as usize].to_vec();
+    (icmp[0] == 8).then(|| (Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]), icmp))
+}
+
+/// Answers each echo request in `requests` with its reply, closes `fd`, and returns who asked
+/// with which id.
+fn answer_echoes_and_close(fd: i32, requests: Vec<(Ipv4Addr, Vec<u8>)>) -> Vec<(Ipv4Addr, u16)> {
+    let mut out = Vec::new();
+    for (src, mut icmp) in requests {
+        out.push((src, u16::from_be_bytes([icmp[4], icmp[5]])));
+        icmp[0] = 0;
+        icmp[2] = 0;
+        icmp[3] = 0;
+        let c = csum(&icmp);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(src.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: valid buffer and address.
+        unsafe {
+            libc::sendto(
+                fd,
+                icmp.as_ptr().cast(),
+                icmp.len(),
+                0,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+        }
+    }
+    // SAFETY: we own fd.
+    unsafe { libc::close(fd) };
+    out
 }
 
 /// A UDP server that only counts datagrams (to prove something did *not* arrive).
@@ -919,52 +929,12 @@ pub fn echo_holder(ns: &Netns) -> EchoHolder {
     let release = Arc::new(AtomicBool::new(false));
     let r = release.clone();
     let handle = std::thread::spawn(move || {
-        let mut held: Vec<(Ipv4Addr, Vec<u8>)> = Vec::new();
+        let mut held = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let mut buf = [0u8; 1500];
         while !r.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
-            // SAFETY: buf is valid for its length.
-            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 28 {
-                continue;
-            }
-            let ihl = usize::from(buf[0] & 0xf) * 4;
-            let icmp = buf[ihl..n as usize].to_vec();
-            if icmp[0] == 8 {
-                held.push((Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]), icmp));
-            }
+            held.extend(recv_echo_request(fd));
         }
-        let mut out = Vec::new();
-        for (src, mut icmp) in held {
-            out.push((src, u16::from_be_bytes([icmp[4], icmp[5]])));
-            icmp[0] = 0;
-            icmp[2] = 0;
-            icmp[3] = 0;
-            let c = csum(&icmp);
-            icmp[2..4].copy_from_slice(&c.to_be_bytes());
-            let sa = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(src.octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: valid buffer and address.
-            unsafe {
-                libc::sendto(
-                    fd,
-                    icmp.as_ptr().cast(),
-                    icmp.len(),
-                    0,
-                    (&sa as *const libc::sockaddr_in).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as u32,
-                );
-            }
-        }
-        // SAFETY: we own fd.
-        unsafe { libc::close(fd) };
-        out
+        answer_echoes_and_close(fd, held)
     });
     EchoHolder {
         release,

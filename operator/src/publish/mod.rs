@@ -87,6 +87,12 @@ impl Written {
         }
     }
 
+    fn forget(&self, key: &(&'static str, String)) {
+        if let Ok(mut map) = self.0.lock() {
+            map.remove(key);
+        }
+    }
+
     fn record(&self, key: (&'static str, String), over: Option<String>, body: serde_json::Value) {
         if let Ok(mut map) = self.0.lock() {
             map.insert(
@@ -191,11 +197,18 @@ where
     let kind = kind_of::<K>();
     let name = desired.name_any();
     let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let current = store.get(&ObjectRef::new(&name).within(ns));
+    let key = (kind, format!("{ns}/{name}"));
+    // The common case, a reconcile that changes nothing, stops here without serializing. The
+    // store has caught up with any write of ours, so its record goes: left behind, it would
+    // make a deleted object look like our own write still in flight, never put back.
+    if current.as_ref().is_some_and(|c| same(c, &desired)) {
+        written.forget(&key);
+        return Ok(());
+    }
     let mut body = serde_json::to_value(&desired).unwrap_or_default();
     body["apiVersion"] = K::api_version(&()).into_owned().into();
     body["kind"] = K::kind(&()).into_owned().into();
-    let key = (kind, format!("{ns}/{name}"));
-    let current = store.get(&ObjectRef::new(&name).within(ns));
     let watched_rv = current
         .as_ref()
         .and_then(|c| c.meta().resource_version.clone());
@@ -203,7 +216,6 @@ where
         return Ok(());
     }
     match current {
-        Some(current) if same(&current, &desired) => return Ok(()),
         Some(_) => {}
         // Not among ours: it may not exist yet, or be someone else's under our name.
         None => {
