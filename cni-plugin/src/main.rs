@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use portslice_cni::cni::env::CniEnv;
 use portslice_cni::cni::error::{CniError, code};
 use portslice_cni::cni::version::Version;
-use portslice_cni::cni::{config, verbs};
+use portslice_cni::cni::{config, timing, verbs};
 use portslice_cni::daemon::{self, DaemonArgs};
 use tracing_subscriber::EnvFilter;
 
@@ -71,6 +71,7 @@ fn init_logs(default: &str) {
 /// CNI mode: read the environment and stdin, run the verb, print the result or the spec's error
 /// on stdout, exit non-zero on error.
 fn cni_main() -> ExitCode {
+    timing::process_started();
     init_logs("warn");
     let mut stdin = String::new();
     let read = std::io::stdin().read_to_string(&mut stdin);
@@ -84,6 +85,9 @@ fn cni_main() -> ExitCode {
             CniEnv::from_lookup(|k| std::env::var(k).ok()).and_then(|env| verbs::run(&env, &stdin))
         }
     };
+    if let Some(line) = timing::report() {
+        eprintln!("{line}");
+    }
     let mut out = std::io::stdout().lock();
     match outcome {
         Ok(text) => {

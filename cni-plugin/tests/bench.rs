@@ -495,7 +495,8 @@ fn table(rows: &[Row]) -> String {
                 ratio(r.udp_kpps, h.udp_kpps),
                 ratio(r.conn_per_s, h.conn_per_s)
             ),
-            _ => "(the limit)".into(),
+            Some(_) => "(the limit)".into(),
+            None => "-".into(),
         };
         out.push_str(&format!(
             "| {} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {:.1} | {:.1} | {} |\n",
@@ -652,6 +653,9 @@ fn datapath_benchmark() {
     eprintln!("IPv6 (an IPv6-only node, 2001:2::1)");
     let rows6 = ipv6_rows(&s);
 
+    // The slice pod among many: 1 slice, then 1,000 slice pods holding 10,000 ports.
+    let (crowd_rows, crowd_count) = crowd(&t, &s, &slice10);
+
     let n = if s.quick { 5 } else { 50 };
     let small = attach_latency(&t, &t.pods[0], (40000, 40099), n);
     let big = attach_latency(&t, &t.pods[0], (40000, 49999), n);
@@ -660,7 +664,6 @@ fn datapath_benchmark() {
     // tests' helper. Free the slice pod's 10,000 ports first: the CNI pods use 41000-41099.
     let (cid, ifx) = (t.pods[0].container_id.clone(), t.pods[0].host_ifindex);
     t.with_datapath(move |dp| dp.detach_pod(&cid, Some(ifx)).unwrap());
-    let cni = portslice_testkit::latency::measure(&t, n);
 
     let mut body = String::new();
     body.push_str(&format!(
@@ -679,20 +682,177 @@ fn datapath_benchmark() {
         small.0, small.1, small.2, small.3, big.0, big.1, big.2, big.3, slice_10k.as_secs_f64() * 1e3
     ));
     body.push_str(&format!(
-        "CNI ADD/DEL through the real binary ({} runs, static 100-port slice from CNI_ARGS, no API server): `portslice` ADD p50 {:.1} ms p99 {:.1} ms, DEL p50 {:.1} ms p99 {:.1} ms (process start included); whole chain ptp + host-local + portslice ADD p50 {:.1} ms p99 {:.1} ms, DEL p50 {:.1} ms p99 {:.1} ms.\n\n",
-        cni.runs,
-        cni.add.p50_ms,
-        cni.add.p99_ms,
-        cni.del.p50_ms,
-        cni.del.p99_ms,
-        cni.chain_add.p50_ms,
-        cni.chain_add.p99_ms,
-        cni.chain_del.p50_ms,
-        cni.chain_del.p99_ms
+        "\nSteering among many slices, the same machine and run: the 10,000-port slice pod measured alone, then with {crowd_count} more slice pods on the node (each a real netns and veth with its program attached and {CROWD_PORTS} ports: {} ports of the table held by {} slices). Targets: within 3% on conn/s and UDP pps.\n\n",
+        crowd_count * CROWD_PORTS as usize + 10_000,
+        crowd_count + 1
     ));
+    body.push_str(&table(&crowd_rows));
+    body.push_str(&crowd_ratios(&crowd_rows));
+    body.push_str(&cni_latency(&t, n));
     println!("\n{body}");
     if let Ok(path) = std::env::var("PORTSLICE_BENCH_OUT") {
         write_section(&path, &body);
         eprintln!("wrote {path}");
     }
+}
+
+/// CNI ADD/DEL through the real binary, as a runtime runs it (ptp + host-local + portslice), with
+/// the plugin's own breakdown, for each way of attaching the pod's program.
+fn cni_latency(t: &Topology, n: usize) -> String {
+    use portslice_testkit::latency::{breakdown_table, measure};
+    let mut out = String::new();
+    for (mode, label) in [
+        (Some("tcx"), "tcx link (the default on kernels 6.6+)"),
+        (
+            Some("clsact"),
+            "clsact qdisc + filter (legacy tc, kernels before 6.6)",
+        ),
+    ] {
+        let cni = measure(t, n, mode);
+        out.push_str(&format!(
+            "CNI ADD/DEL through the real binary, {label} ({} runs, static 100-port slice from CNI_ARGS, no API server): `portslice` ADD p50 {:.1} ms p99 {:.1} ms, DEL p50 {:.1} ms p99 {:.1} ms (process start included); whole chain ptp + host-local + portslice ADD p50 {:.1} ms p99 {:.1} ms, DEL p50 {:.1} ms p99 {:.1} ms. Where `portslice` spends it (each phase's own p50/p99, so the column does not add up to the total's p99):\n\n{}\n",
+            cni.runs,
+            cni.add.p50_ms,
+            cni.add.p99_ms,
+            cni.del.p50_ms,
+            cni.del.p99_ms,
+            cni.chain_add.p50_ms,
+            cni.chain_add.p99_ms,
+            cni.chain_del.p50_ms,
+            cni.chain_del.p99_ms,
+            breakdown_table(&cni),
+        ));
+    }
+    out
+}
+
+/// The CNI latency part alone, printed (for working on ADD/DEL latency without the traffic rows).
+#[test]
+#[ignore = "benchmark: run by hand"]
+fn cni_latency_benchmark() {
+    if !require_root("CNI latency benchmark") {
+        return;
+    }
+    let t = bench_node(Family::V4);
+    let n = std::env::var("PORTSLICE_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    println!("\n{}", cni_latency(&t, n));
+}
+
+/// Slice pods the crowd rows add (quick: a few, to keep the code path alive).
+const CROWD: usize = 1000;
+/// Ports each of them holds (in 50000-59999, clear of the measured slice and the CNI pods).
+const CROWD_PORTS: u16 = 10;
+
+/// The measured slice pod alone, then among [`CROWD`] more slice pods with real netns and veths
+/// (made with `ip -batch`: one process per thousand links, not one per command).
+fn crowd(t: &Topology, s: &Settings, target: &Target) -> (Vec<Row>, usize) {
+    let count = if s.quick { 10 } else { CROWD };
+    let _servers = start_servers(&t.pods[0].ns, target.iperf, target.rr);
+    let mut rows = vec![measure(t, s, "1 slice on the node", target)];
+    let id = format!("{}", std::process::id());
+    let name = |i: usize| (format!("psc{id}x{i}"), format!("vc{i}"));
+    // `ip -batch` in the node netns (`-n` is no batch command): netns, then veths with their
+    // pod end in each.
+    let node_ns = t.node.name.clone();
+    let batch = |netns: Option<&str>, lines: Vec<String>| {
+        let path = std::env::temp_dir().join(format!("portslice-crowd-{id}"));
+        std::fs::write(&path, lines.join("\n") + "\n").expect("writing the ip batch");
+        let file = path.to_str().expect("utf-8 path");
+        match netns {
+            Some(ns) => sh("ip", &["-n", ns, "-batch", file]),
+            None => sh("ip", &["-batch", file]),
+        };
+        let _ = std::fs::remove_file(path);
+    };
+    let started = Instant::now();
+    batch(
+        None,
+        (0..count)
+            .map(|i| format!("netns add {}", name(i).0))
+            .collect(),
+    );
+    batch(
+        Some(&node_ns),
+        (0..count)
+            .flat_map(|i| {
+                let (ns, veth) = name(i);
+                [
+                    format!("link add {veth} type veth peer name eth0 netns {ns}"),
+                    format!("link set {veth} up"),
+                ]
+            })
+            .collect(),
+    );
+    let veths: Vec<String> = (0..count).map(|i| name(i).1).collect();
+    let ifindexes: Vec<u32> = t.node.enter(move || {
+        veths
+            .iter()
+            .map(|v| portslice_netns::iface::index_of(v).expect("crowd veth"))
+            .collect()
+    });
+    let attachments: Vec<PodAttachment> = (0..count)
+        .map(|i| {
+            let ifindex = ifindexes[i];
+            let first = 50000 + i as u16 * CROWD_PORTS;
+            PodAttachment {
+                container_id: format!("crowd-{id}-{i}"),
+                host_veth_ifindex: ifindex,
+                pod_private_ip: Ipv4Addr::new(10, 245, (i / 250) as u8, (i % 250) as u8 + 1),
+                slice: Some(SliceBinding {
+                    slice_key: format!("bench/crowd-{i}"),
+                    range: PortRange {
+                        start: first,
+                        end: first + CROWD_PORTS - 1,
+                    },
+                    protocols: vec![Protocol::TCP, Protocol::UDP],
+                }),
+            }
+        })
+        .collect();
+    let ids: Vec<String> = attachments.iter().map(|a| a.container_id.clone()).collect();
+    t.with_datapath(move |dp| {
+        for a in &attachments {
+            dp.attach_pod(a).expect("attach a crowd pod");
+        }
+    });
+    eprintln!(
+        "{count} more slice pods made and attached in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    rows.push(measure(
+        t,
+        s,
+        &format!("among {count} more slice pods"),
+        target,
+    ));
+    t.with_datapath(move |dp| {
+        for id in &ids {
+            dp.detach_pod(id, None).expect("detach a crowd pod");
+        }
+    });
+    batch(
+        None,
+        (0..count)
+            .map(|i| format!("netns del {}", name(i).0))
+            .collect(),
+    );
+    (rows, count)
+}
+
+/// The crowd rows' ratios, the figure the target is about.
+fn crowd_ratios(rows: &[Row]) -> String {
+    let [alone, crowd] = rows else {
+        return String::new();
+    };
+    format!(
+        "\nAmong the crowd vs alone: conn/s {:.1}%, UDP pps {:.1}%, TCP in {:.1}%, RR p50 {:.1} vs {:.1} µs.\n\n",
+        crowd.conn_per_s / alone.conn_per_s * 100.0,
+        crowd.udp_kpps / alone.udp_kpps * 100.0,
+        crowd.tcp_in_gbps / alone.tcp_in_gbps * 100.0,
+        crowd.p50_us,
+        alone.p50_us
+    )
 }

@@ -49,6 +49,7 @@ pub mod layout;
 pub mod loader;
 mod migrate;
 pub mod sources;
+mod steps;
 pub mod table;
 
 use std::{
@@ -62,6 +63,7 @@ use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError};
 use portslice_netns::{NetnsError, iface, sysctl};
 pub use portslice_ports::{PortRange, Protocol};
 pub use sources::{SourceCidr, SourceCidrError};
+pub use steps::StepTimes;
 
 /// Where the daemon pins everything unless told otherwise.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/portslice";
@@ -176,6 +178,8 @@ pub struct PinnedDatapath {
     src_allow: LpmTrie<MapData, abi::SrcData, abi::SrcVal>,
     /// The same `port_owner` map, for whole runs of keys in one call.
     port_runs: batch::PortRuns,
+    /// Where the last attach or detach spent its time.
+    last_steps: StepTimes,
 }
 
 /// Opens one pinned map of this layout. The layout's directory appears only complete, so an
@@ -276,6 +280,7 @@ impl PinnedDatapath {
                     },
                 )?,
             ),
+            last_steps: StepTimes::default(),
         })
     }
 
@@ -290,6 +295,12 @@ impl PinnedDatapath {
 
     pub fn pin_root(&self) -> &Path {
         &self.pin_root
+    }
+
+    /// Where the last [`attach_pod`](Self::attach_pod) or [`detach_pod`](Self::detach_pod)
+    /// spent its time, step by step.
+    pub fn last_steps(&self) -> &StepTimes {
+        &self.last_steps
     }
 
     /// Steers the slice's ports to this pod and enforces its egress. Idempotent: the same
@@ -326,7 +337,9 @@ impl PinnedDatapath {
             self.detach_pod(&pod.container_id, Some(old.host_ifindex))?;
         }
         let ifname = iface::name_of(pod.host_veth_ifindex)?;
-        let result = self.attach_inner(pod, &ifname, key, meta, &want);
+        let mut steps = StepTimes::default();
+        let result = self.attach_inner(pod, &ifname, key, meta, &want, &mut steps);
+        self.last_steps = steps;
         if result.is_err() {
             let _ = self.detach_pod(&pod.container_id, Some(pod.host_veth_ifindex));
         }
@@ -340,6 +353,7 @@ impl PinnedDatapath {
         key: abi::MetaKey,
         meta: abi::PodMeta,
         sources: &[SourceCidr],
+        steps: &mut StepTimes,
     ) -> Result<(), DatapathError> {
         let ifindex = pod.host_veth_ifindex;
         let filter = if sources.is_empty() {
@@ -361,31 +375,36 @@ impl PinnedDatapath {
         });
         let ports: u32 = runs.iter().map(|(a, b)| b - a + 1).sum();
         // Refuse before writing anything: a port held by another pod stays with it.
-        for (k, cur) in self.port_owners(&runs)? {
+        for (k, cur) in steps.time("map reads", || self.port_owners(&runs))? {
             if cur.host_ifindex != 0 && cur.host_ifindex != ifindex {
                 return Err(table::taken(k, cur.host_ifindex));
             }
         }
-        self.pod_meta
-            .insert(key, meta, 0)
-            .map_err(map_err(abi::map::POD_META))?;
-        self.pods
-            .insert(ifindex, table::pod_info(pod), 0)
-            .map_err(map_err(abi::map::PODS))?;
-        self.pod_stats
-            .insert(ifindex, abi::PodStats::default(), 0)
-            .map_err(map_err(abi::map::POD_STATS))?;
-        // The list before the ports: the first packet steered to the pod is already filtered.
-        for c in sources {
-            self.insert_source(ifindex, c)?;
-        }
-        for &(first, last) in &runs {
-            self.set_port_owners(first, last, owner)?;
-        }
+        steps.time("map writes", || -> Result<(), DatapathError> {
+            self.pod_meta
+                .insert(key, meta, 0)
+                .map_err(map_err(abi::map::POD_META))?;
+            self.pods
+                .insert(ifindex, table::pod_info(pod), 0)
+                .map_err(map_err(abi::map::PODS))?;
+            self.pod_stats
+                .insert(ifindex, abi::PodStats::default(), 0)
+                .map_err(map_err(abi::map::POD_STATS))?;
+            // The list before the ports: the first packet steered to the pod is already filtered.
+            for c in sources {
+                self.insert_source(ifindex, c)?;
+            }
+            for &(first, last) in &runs {
+                self.set_port_owners(first, last, owner)?;
+            }
+            Ok(())
+        })?;
         // The pod's packets carry the node address as source: without these the host drops
         // them as martians before our hairpin/host-port paths see them.
-        write_if_sysctl(ifname, "accept_local", "1")?;
-        write_if_sysctl(ifname, "rp_filter", "0")?;
+        steps.time("host veth sysctls", || -> Result<(), DatapathError> {
+            write_if_sysctl(ifname, "accept_local", "1")?;
+            write_if_sysctl(ifname, "rp_filter", "0")
+        })?;
         let pin = pod_link_pin(&self.pin_root, ifindex);
         // clsact: "attached" cannot be checked (aya lists no filters), and attaching replaces
         // our filter in place, so always attach. tcx: a link that is there is ours.
@@ -394,8 +413,12 @@ impl PinnedDatapath {
                 // A pin that cannot be opened as a link would block pinning the new one.
                 let _ = self.mode.detach(ifname, &pin);
             }
-            let mut prog = loader::pinned_program(&self.pin_root, abi::prog::POD_EGRESS)?;
-            self.mode.attach(&mut prog, ifname, &pin)?;
+            let mut prog = steps.time("program open", || {
+                loader::pinned_program(&self.pin_root, abi::prog::POD_EGRESS)
+            })?;
+            steps.time(self.mode.link_step(), || {
+                self.mode.attach(&mut prog, ifname, &pin)
+            })?;
         }
         tracing::debug!(container_id = %pod.container_id, ifname, ports, sources = sources.len(), "pod attached");
         Ok(())
@@ -636,48 +659,62 @@ impl PinnedDatapath {
         container_id: &str,
         host_veth_ifindex: Option<u32>,
     ) -> Result<(), DatapathError> {
+        let mut steps = StepTimes::default();
+        let result = self.detach_inner(container_id, host_veth_ifindex, &mut steps);
+        self.last_steps = steps;
+        result
+    }
+
+    fn detach_inner(
+        &mut self,
+        container_id: &str,
+        host_veth_ifindex: Option<u32>,
+        steps: &mut StepTimes,
+    ) -> Result<(), DatapathError> {
         let mut errors = Vec::new();
         let key = abi::fixed(container_id).map(|c| abi::MetaKey { container_id: c });
         let meta = key.as_ref().and_then(|k| self.pod_meta.get(k, 0).ok());
         let ifindex = meta.map(|m| m.host_ifindex).or(host_veth_ifindex);
         if let Some(ifindex) = ifindex {
-            // Walk only the pod's range, and free only slots that still point at this pod:
-            // never a port someone else holds.
-            let info = self.pods.get(&ifindex, 0).ok();
-            let range = meta
-                .filter(|m| m.has_slice != 0)
-                .map(|m| (m.port_lo, m.port_hi))
-                .or(info
-                    .filter(|i| i.flags & abi::F_SLICE != 0)
-                    .map(|i| (i.port_lo, i.port_hi)));
-            if let Some((lo, hi)) = range
-                && let Err(e) = self.free_ports_of(ifindex, &batch::runs(lo, hi, true, true))
-            {
-                errors.push(e);
-            }
-            // The list goes after the ports: nothing steers to the pod by then.
-            match self.sources_of(ifindex) {
-                Ok(list) => {
-                    for c in list {
-                        ignore_missing(
-                            self.src_allow.remove(&sources::key_of(ifindex, &c)),
-                            abi::map::SRC_ALLOW,
-                            &mut errors,
-                        );
-                    }
+            steps.time("map writes", || {
+                // Walk only the pod's range, and free only slots that still point at this pod:
+                // never a port someone else holds.
+                let info = self.pods.get(&ifindex, 0).ok();
+                let range = meta
+                    .filter(|m| m.has_slice != 0)
+                    .map(|m| (m.port_lo, m.port_hi))
+                    .or(info
+                        .filter(|i| i.flags & abi::F_SLICE != 0)
+                        .map(|i| (i.port_lo, i.port_hi)));
+                if let Some((lo, hi)) = range
+                    && let Err(e) = self.free_ports_of(ifindex, &batch::runs(lo, hi, true, true))
+                {
+                    errors.push(e);
                 }
-                Err(e) => errors.push(e),
-            }
-            ignore_missing(self.pods.remove(&ifindex), abi::map::PODS, &mut errors);
-            ignore_missing(
-                self.pod_stats.remove(&ifindex),
-                abi::map::POD_STATS,
-                &mut errors,
-            );
+                // The list goes after the ports: nothing steers to the pod by then.
+                match self.sources_of(ifindex) {
+                    Ok(list) => {
+                        for c in list {
+                            ignore_missing(
+                                self.src_allow.remove(&sources::key_of(ifindex, &c)),
+                                abi::map::SRC_ALLOW,
+                                &mut errors,
+                            );
+                        }
+                    }
+                    Err(e) => errors.push(e),
+                }
+                ignore_missing(self.pods.remove(&ifindex), abi::map::PODS, &mut errors);
+                ignore_missing(
+                    self.pod_stats.remove(&ifindex),
+                    abi::map::POD_STATS,
+                    &mut errors,
+                );
+            });
             let pin = pod_link_pin(&self.pin_root, ifindex);
             // The interface may be gone already (netns deleted): the pin still has to go.
             let ifname = iface::name_of(ifindex).unwrap_or_default();
-            if let Err(e) = self.mode.detach(&ifname, &pin) {
+            if let Err(e) = steps.time(self.mode.link_step(), || self.mode.detach(&ifname, &pin)) {
                 errors.push(e);
             }
         }

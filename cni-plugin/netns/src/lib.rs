@@ -20,6 +20,7 @@ pub mod listeners;
 pub mod netlink;
 pub mod node_addr;
 pub mod plan;
+pub mod sock_diag;
 pub mod sysctl;
 pub mod thread;
 pub mod wiring;

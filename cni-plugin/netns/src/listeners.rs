@@ -1,12 +1,12 @@
-//! The ports processes of the calling thread's netns listen on, from `/proc/net/{tcp,udp}[6]`
-//! (which follow the reader's netns). The node daemon warns about them and the CNI plugin refuses
-//! a slice that would take one: steering runs before the socket lookup, so a slice on a host
-//! listener's port would silently take its traffic.
+//! The ports processes of the calling thread's netns listen on, from sock_diag or
+//! `/proc/net/{tcp,udp}[6]` (both follow the caller's netns). The node daemon warns about them
+//! and the CNI plugin refuses a slice that would take one: steering runs before the socket
+//! lookup, so a slice on a host listener's port would silently take its traffic.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use portslice_ports::{PortRange, Protocol};
 
-use crate::NodeAddrs;
+use crate::{NodeAddrs, sock_diag};
 
 /// A listening TCP socket or a bound UDP socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -70,23 +70,36 @@ fn parse_addr(hex: &str) -> Option<IpAddr> {
     }
 }
 
-/// Every listener of this netns, IPv4 and IPv6, sorted and deduplicated. Unreadable tables
-/// (an IPv6-less kernel) count as empty.
+/// Every listener of this netns, IPv4 and IPv6, sorted and deduplicated: from sock_diag (see
+/// [`crate::sock_diag`] for why), else from `/proc/net`. A table neither can read (an
+/// IPv6-less kernel) counts as empty.
 pub fn host_listeners() -> Vec<Listener> {
     let mut out = Vec::new();
-    for (file, protocol, tcp) in [
-        ("/proc/net/tcp", Protocol::TCP, true),
-        ("/proc/net/tcp6", Protocol::TCP, true),
-        ("/proc/net/udp", Protocol::UDP, false),
-        ("/proc/net/udp6", Protocol::UDP, false),
+    for (file, protocol, tcp, v6) in [
+        ("/proc/net/tcp", Protocol::TCP, true, false),
+        ("/proc/net/tcp6", Protocol::TCP, true, true),
+        ("/proc/net/udp", Protocol::UDP, false, false),
+        ("/proc/net/udp6", Protocol::UDP, false, true),
     ] {
-        if let Ok(t) = std::fs::read_to_string(file) {
-            out.extend(parse(&t, tcp).into_iter().map(|(addr, port)| Listener {
-                protocol,
-                addr,
-                port,
-            }));
-        }
+        let (proto, states) = if tcp {
+            (libc::IPPROTO_TCP as u8, sock_diag::LISTEN)
+        } else {
+            (libc::IPPROTO_UDP as u8, sock_diag::ANY_STATE)
+        };
+        let found = match sock_diag::local_addrs(v6, proto, states) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!(error = %e, file, "sock_diag unavailable; reading /proc");
+                std::fs::read_to_string(file)
+                    .map(|t| parse(&t, tcp))
+                    .unwrap_or_default()
+            }
+        };
+        out.extend(found.into_iter().map(|(addr, port)| Listener {
+            protocol,
+            addr,
+            port,
+        }));
     }
     out.sort_unstable();
     out.dedup();
@@ -126,6 +139,47 @@ mod tests {
         assert_eq!(
             parse(tcp6, true),
             vec![(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 40001)]
+        );
+    }
+
+    /// The kernel's own answer, for sockets this test opens (no root needed: sock_diag dumps the
+    /// caller's netns to anyone): sock_diag and `/proc/net` both see each, and an established
+    /// TCP connection is no listener.
+    #[test]
+    fn sock_diag_finds_the_listeners_proc_shows() {
+        use std::net::{TcpListener, TcpStream, UdpSocket};
+        let tcp4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp6 = TcpListener::bind("[::1]:0").unwrap();
+        let udp4 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp6 = UdpSocket::bind("[::1]:0").unwrap();
+        let client = TcpStream::connect(tcp4.local_addr().unwrap()).unwrap();
+        let want = [
+            (Protocol::TCP, tcp4.local_addr().unwrap()),
+            (Protocol::TCP, tcp6.local_addr().unwrap()),
+            (Protocol::UDP, udp4.local_addr().unwrap()),
+            (Protocol::UDP, udp6.local_addr().unwrap()),
+        ];
+        let found = host_listeners();
+        for (protocol, a) in want {
+            let l = Listener {
+                protocol,
+                addr: a.ip(),
+                port: a.port(),
+            };
+            assert!(found.contains(&l), "{l:?} not in {found:?}");
+        }
+        let diag = sock_diag::local_addrs(false, libc::IPPROTO_TCP as u8, sock_diag::LISTEN)
+            .expect("sock_diag answers");
+        let proc = parse(&std::fs::read_to_string("/proc/net/tcp").unwrap(), true);
+        let ours = (
+            tcp4.local_addr().unwrap().ip(),
+            tcp4.local_addr().unwrap().port(),
+        );
+        assert!(diag.contains(&ours) && proc.contains(&ours));
+        let outgoing = client.local_addr().unwrap();
+        assert!(
+            !diag.contains(&(outgoing.ip(), outgoing.port())),
+            "an established socket is no listener"
         );
     }
 

@@ -7,5 +7,6 @@ pub mod config;
 pub mod env;
 pub mod error;
 pub mod result;
+pub mod timing;
 pub mod verbs;
 pub mod version;

@@ -17,6 +17,7 @@ pub mod install;
 pub mod kubeconfig;
 pub mod metrics;
 pub mod reconcile;
+pub mod slice_cache;
 pub mod sources;
 pub mod tcpmux;
 
@@ -276,6 +277,16 @@ pub async fn run(mut args: DaemonArgs) -> anyhow::Result<()> {
             client.clone(),
             slices.clone(),
         ));
+    }
+    // CNI ADD asks this node's slice cache before the API server.
+    if let Some(client) = &client {
+        let node_name = crate::node::refusal::node_name(args.node_name.as_deref());
+        let (state_dir, client, slices) = (args.state_dir.clone(), client.clone(), slices.clone());
+        tokio::spawn(async move {
+            if let Err(e) = slice_cache::serve(state_dir, node_name, client, slices).await {
+                tracing::error!(error = %format!("{e:#}"), "the slice cache stopped: CNI ADD asks the API server");
+            }
+        });
     }
     if args.tcpmux {
         let sources = tcpmux::Sources {

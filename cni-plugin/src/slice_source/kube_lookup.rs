@@ -11,7 +11,7 @@ use kube::{Api, Client, Config};
 use portslice_crds::{PortSlice, SLICE_ANNOTATION};
 
 use super::{
-    FoundSlice, Lookup, PlanInput, PortSliceRef, allowed_sources, resolve_name, slice_from_status,
+    FoundSlice, Lookup, PlanInput, PortSliceRef, allowed_sources, found_portslice, resolve_name,
 };
 use crate::cni::error::{CniError, code};
 
@@ -126,16 +126,14 @@ async fn read_slice(client: &Client, namespace: &str, name: &str) -> Result<Foun
             ))
         })?;
     let range = slice.status.as_ref().and_then(|s| s.range);
-    Ok(FoundSlice {
-        binding: slice_from_status(namespace, name, &slice.spec.protocols, range)?,
-        portslice: Some(PortSliceRef {
+    found_portslice(
+        PortSliceRef {
             namespace: namespace.to_string(),
             name: name.to_string(),
             uid: slice.metadata.uid,
-        }),
-        allowed_sources: allowed_sources(
-            &format!("{namespace}/{name}"),
-            &slice.spec.allowed_sources,
-        )?,
-    })
+        },
+        &slice.spec.protocols,
+        range,
+        allowed_sources(&format!("{namespace}/{name}"), &slice.spec.allowed_sources)?,
+    )
 }

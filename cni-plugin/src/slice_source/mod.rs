@@ -17,6 +17,7 @@
 //! [`kube_lookup`] does the asking.
 
 pub mod kube_lookup;
+pub mod node_cache;
 
 use std::collections::BTreeMap;
 
@@ -98,6 +99,21 @@ pub fn allowed_sources(slice: &str, list: &[String]) -> Result<Vec<SourceCidr>, 
             })
         })
         .collect()
+}
+
+/// A PortSlice as ADD uses it, whoever read it (the API server or the node's cache): its range
+/// (code 101 while it has none), protocols and checked `allowedSources`.
+pub fn found_portslice(
+    portslice: PortSliceRef,
+    spec_protocols: &[Protocol],
+    range: Option<PortRange>,
+    allowed_sources: Vec<SourceCidr>,
+) -> Result<FoundSlice, CniError> {
+    Ok(FoundSlice {
+        binding: slice_from_status(&portslice.namespace, &portslice.name, spec_protocols, range)?,
+        portslice: Some(portslice),
+        allowed_sources,
+    })
 }
 
 /// The PortSlice object behind a slice: what a node's refusal Event is about.

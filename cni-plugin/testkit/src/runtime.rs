@@ -110,6 +110,10 @@ pub fn plugin_path(plugin_type: &str, env: &[(String, String)]) -> PathBuf {
         .unwrap_or_else(|| Path::new(REF_PLUGINS).join(plugin_type))
 }
 
+/// The plugin's timings switch (`portslice_cni::cni::timing::ENV`; the testkit does not link
+/// the plugin crate).
+pub const TIMINGS_ENV: &str = "PORTSLICE_TIMINGS";
+
 /// Runs a plugin binary with `env` and `stdin`, inside the netns at `netns` (setns before exec,
 /// the way a runtime runs in the host netns).
 pub fn exec_plugin(
@@ -144,6 +148,13 @@ pub fn exec_plugin(
         .find(|(k, _)| k == "CNI_COMMAND")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
+    // Timings asked for: "process start" counts from here (see the plugin's `cni::timing`).
+    if env.iter().any(|(k, _)| k == TIMINGS_ENV) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970");
+        cmd.env(TIMINGS_ENV, now.as_nanos().to_string());
+    }
     let start = Instant::now();
     let mut child = cmd
         .spawn()
@@ -313,6 +324,8 @@ pub struct CniPod {
     pub args: String,
     pub runtime_config: Option<Value>,
     pub result: Option<Value>,
+    /// More environment for every plugin it runs (e.g. the benchmark's `PORTSLICE_TIMINGS`).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl CniPod {
@@ -339,6 +352,7 @@ impl CniPod {
             args: all,
             runtime_config: None,
             result: None,
+            extra_env: Vec::new(),
         }
     }
 
@@ -365,6 +379,7 @@ impl CniPod {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(self.extra_env.iter().cloned())
         .collect()
     }
 

@@ -651,7 +651,7 @@ fn cni_add_and_del_latency_is_measurable() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    let l = portslice_testkit::latency::measure(&t, runs);
+    let l = portslice_testkit::latency::measure(&t, runs, None);
     eprintln!(
         "CNI latency, {runs} runs: portslice ADD p50 {:.1} ms p99 {:.1} ms, DEL p50 {:.1} ms p99 {:.1} ms; \
          whole chain ADD p50 {:.1} ms p99 {:.1} ms, DEL p50 {:.1} ms p99 {:.1} ms",
@@ -664,7 +664,22 @@ fn cni_add_and_del_latency_is_measurable() {
         l.chain_del.p50_ms,
         l.chain_del.p99_ms
     );
+    eprintln!("{}", portslice_testkit::latency::breakdown_table(&l));
     assert!(l.add.p50_ms > 0.0 && l.add.p99_ms >= l.add.p50_ms);
+    // The plugin's breakdown names the phases the benchmark reports.
+    let phases: Vec<&str> = l.add_phases.iter().map(|(p, _)| p.as_str()).collect();
+    for want in [
+        "process start",
+        "host listeners check",
+        "pod netlink and sysctls",
+        "map writes",
+    ] {
+        assert!(phases.contains(&want), "{want} missing from {phases:?}");
+    }
+    assert!(
+        phases.contains(&"tcx link") || phases.contains(&"clsact filter"),
+        "{phases:?}"
+    );
 }
 
 /// Podman (Debian's, CNI backend), as it really calls us: it passes only

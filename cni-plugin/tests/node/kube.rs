@@ -183,15 +183,21 @@ impl KubeNs {
 
     /// A Pod object named like the CNI pod, with the annotation (or none).
     fn pod(&self, name: &str, slice: Option<&str>) {
+        self.pod_on(name, slice, None);
+    }
+
+    /// [`Self::pod`], bound to `node` (as the scheduler binds it) when given; returns its uid.
+    fn pod_on(&self, name: &str, slice: Option<&str>, node: Option<&str>) -> String {
         self.rt.block_on(async {
             let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.name);
             let pod: Pod = serde_json::from_value(json!({
                 "metadata": {"name": name, "annotations": slice.map(|s| json!({SLICE_ANNOTATION: s})).unwrap_or(json!({}))},
-                "spec": {"containers": [{"name": "c", "image": "none"}]}
+                "spec": {"containers": [{"name": "c", "image": "none"}], "nodeName": node}
             }))
             .expect("pod");
-            api.create(&PostParams::default(), &pod).await.expect("create Pod");
-        });
+            let made = api.create(&PostParams::default(), &pod).await.expect("create Pod");
+            made.metadata.uid.expect("a uid")
+        })
     }
 }
 
@@ -945,4 +951,152 @@ fn the_daemon_detects_its_uplink_and_the_cluster_cidrs_and_follows_new_nodes() {
         metrics.contains("portslice_cluster_cidr_info{cidr=\"10.0.0.0/24\",source=\"detected\"} 1"),
         "the detected CIDRs are exposed: {metrics}"
     );
+}
+
+/// ADD asks the node daemon's slice cache (it watches the Pods of its node and the PortSlices)
+/// before the API server: a pod the cache knows is wired with no API request at all, here with
+/// the plugin's kubeconfig pointing at a dead server. What the cache does not know (a pod not on
+/// its node, another pod of the same name) goes to the API server, which stays the authority.
+#[test]
+fn add_finds_the_slice_in_the_nodes_cache_and_asks_the_api_server_for_the_rest() {
+    use portslice_cni::slice_source::node_cache::{self, CacheRequest};
+    if !require_root("kube_node_cache") {
+        return;
+    }
+    let Some(kc) = kubeconfig() else {
+        return;
+    };
+    let kns = KubeNs::new();
+    kns.slice("media", Some((42900, 42949)));
+    kns.slice("voice", Some((42950, 42999)));
+    let node = format!("node-{}", portslice_testkit::unique());
+    let mut t = Topology::bare();
+    let daemon = ApiDaemon::start(
+        &kns,
+        &mut t,
+        &kc,
+        "anchor",
+        &["--no-cni-install", "--node-name", &node],
+    );
+    let (mut cached, mut plain) = (
+        CniPod::in_namespace(&kns.name, ""),
+        CniPod::in_namespace(&kns.name, ""),
+    );
+    let uid = kns.pod_on(&cached.pod_name(), Some("media"), Some(&node));
+    kns.pod_on(&plain.pod_name(), None, Some(&node));
+    cached.args.push_str(&format!(";K8S_POD_UID={uid}"));
+    let socket = node_cache::socket_path(&t.state_dir());
+    let synced = portslice_testkit::eventually(std::time::Duration::from_secs(20), || {
+        let a = node_cache::ask(
+            &socket,
+            &CacheRequest {
+                namespace: kns.name.clone(),
+                pod: Some(cached.pod_name()),
+                slice: None,
+            },
+        )?;
+        (a.synced && a.slice.is_some()).then_some(a)
+    })
+    .expect("the daemon's cache syncs and knows the pod and its slice");
+    assert_eq!(synced.pod.and_then(|p| p.uid), Some(uid));
+
+    // A kubeconfig whose server answers nothing: whatever works below worked without it.
+    let dead = TempDir::new("dead-api");
+    let dead_kc = dead.0.join("kubeconfig");
+    relayed_kubeconfig(&kc, 1, &dead_kc);
+    let ipam = TempDir::new("ipam");
+    let runtime = |kubeconfig: &Path| {
+        let mut ps = portslice_conf(&t);
+        ps["kubeconfig"] = json!(kubeconfig);
+        ps["apiTimeoutMs"] = json!(2000);
+        Runtime {
+            node: &t.node,
+            list: Conflist::ptp("1.0.0", &ipam.0, ps),
+        }
+    };
+    let offline = runtime(&dead_kc);
+    offline
+        .add(&mut cached)
+        .unwrap_or_else(|e| panic!("ADD from the cache, API server unreachable: {e:?}"));
+    assert_eq!(
+        sysctl_in(&cached.ns, "net.ipv4.ip_local_port_range"),
+        "42900 42949"
+    );
+    let prev = offline.add_primary(&mut plain);
+    let inv = offline.exec_last(&plain, "ADD", Some(&prev));
+    assert!(inv.ok(), "a plain pod the cache knows: {inv:?}");
+    assert_eq!(inv.json(), prev, "passes through untouched");
+
+    // Not on this node (so not in the cache): the API server is asked, and here it is dead.
+    let mut elsewhere = CniPod::in_namespace(&kns.name, "");
+    kns.pod_on(&elsewhere.pod_name(), Some("voice"), Some("another-node"));
+    let prev = offline.add_primary(&mut elsewhere);
+    let inv = offline.exec_last(&elsewhere, "ADD", Some(&prev));
+    assert_eq!(inv.error_code(), 11, "the API server was asked: {inv:?}");
+    offline.del(&elsewhere).expect("DEL");
+    // With a live API server the same pod is wired from it.
+    let online = runtime(&daemon.kubeconfig_out);
+    let mut elsewhere = CniPod::in_namespace(&kns.name, "");
+    kns.pod_on(&elsewhere.pod_name(), Some("voice"), Some("another-node"));
+    online
+        .add(&mut elsewhere)
+        .unwrap_or_else(|e| panic!("ADD from the API server: {e:?}"));
+    assert_eq!(
+        sysctl_in(&elsewhere.ns, "net.ipv4.ip_local_port_range"),
+        "42950 42999"
+    );
+    for (rt, p) in [
+        (&offline, &cached),
+        (&offline, &plain),
+        (&online, &elsewhere),
+    ] {
+        rt.del(p).expect("DEL");
+    }
+
+    // ADD latency through the real binary, slice from the cache vs from the API server
+    // (`PORTSLICE_CACHE_LATENCY_RUNS`, default 10; the datapath benchmark runs 50 in release).
+    let runs: usize = std::env::var("PORTSLICE_CACHE_LATENCY_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let timed = |rt: &Runtime, on: Option<&str>| {
+        let mut samples = Vec::new();
+        for _ in 0..runs {
+            let mut p = CniPod::in_namespace(&kns.name, "");
+            kns.pod_on(&p.pod_name(), Some("media"), on);
+            if on.is_some() {
+                // The watch delivers the pod in milliseconds; wait for it, not for the API.
+                portslice_testkit::eventually(std::time::Duration::from_secs(10), || {
+                    let req = CacheRequest {
+                        namespace: kns.name.clone(),
+                        pod: Some(p.pod_name()),
+                        slice: None,
+                    };
+                    node_cache::ask(&socket, &req)?.pod
+                })
+                .expect("the cache sees the new pod");
+            }
+            let prev = rt.add_primary(&mut p);
+            let inv = rt.exec_last(&p, "ADD", Some(&prev));
+            assert!(inv.ok(), "{inv:?}");
+            samples.push(inv.elapsed);
+            p.result = Some(inv.json());
+            rt.del(&p).expect("DEL");
+        }
+        percentiles(samples)
+    };
+    let (from_cache, from_api) = (timed(&offline, Some(&node)), timed(&online, None));
+    eprintln!(
+        "CNI ADD with the pod's slice from the node's cache: p50 {:.1} ms p99 {:.1} ms; from the API server: p50 {:.1} ms p99 {:.1} ms ({runs} runs each, {} build)",
+        from_cache.p50_ms,
+        from_cache.p99_ms,
+        from_api.p50_ms,
+        from_api.p99_ms,
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    drop(daemon);
 }

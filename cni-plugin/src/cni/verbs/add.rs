@@ -15,11 +15,15 @@ use portslice_netns::NodeAddrs;
 use serde_json::Value;
 
 use super::slice::find_slice;
-use super::{asks_for_slice, datapath_err, lock_node, netns_err, not_loaded, open_datapath};
+use super::{
+    asks_for_slice, datapath_err, lock_node, netns_err, not_loaded, open_datapath,
+    record_datapath_steps,
+};
 use crate::cni::config::{Envelope, PluginConfig};
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, code};
 use crate::cni::result::{CniResult, PodAddresses};
+use crate::cni::timing;
 use crate::node::{pod_state, refusal, reserved_ports};
 use crate::slice_source::FoundSlice;
 use portslice_datapath::{PinnedDatapath, PodAttachment, SliceBinding, SourceCidr};
@@ -35,9 +39,9 @@ pub fn add(env: &CniEnv, envelope: &Envelope) -> Result<String, CniError> {
         )
         .with_details("put it after the primary plugin (ptp, bridge, ...) in a conflist")
     })?;
-    match PluginConfig::from_envelope(envelope) {
+    match timing::phase("config", || PluginConfig::from_envelope(envelope)) {
         Ok(conf) => {
-            if let Some(found) = find_slice(env, &conf)? {
+            if let Some(found) = timing::phase("slice lookup", || find_slice(env, &conf))? {
                 let added = add_slice_pod(env, &conf, prev, &found);
                 if let (Err(e), Some(portslice), Some(kubeconfig)) =
                     (&added, &found.portslice, &conf.kubeconfig)
@@ -175,15 +179,24 @@ fn wire_slice_pod(
     refuse_node_critical(conf, slice)?;
     let mut dp = open_datapath(&conf.pin_root)?.ok_or_else(|| not_loaded(&conf.pin_root))?;
     let _lock = lock_node(&conf.pin_root)?;
-    refuse_host_listeners(slice, &conf.node)?;
-    refuse_second_sliver(&dp, env, slice)?;
+    timing::phase("host listeners check", || {
+        refuse_host_listeners(slice, &conf.node)
+    })?;
+    timing::phase("one sliver check", || refuse_second_sliver(&dp, env, slice))?;
     tracing::debug!("datapath opened, no other sliver of the slice here");
 
     let w = w.clone();
     let netns = PathBuf::from(&env.netns);
     let w2 = w.clone();
-    let applied = in_netns(&netns, move || wiring::apply(&w2))
-        .map_err(|e| netns_err("wiring the pod's network namespace failed", e))?;
+    // Entering the netns (a thread, setns) and the wiring inside it (netlink, sysctls) apart.
+    let called = std::time::Instant::now();
+    let (applied, inside) = in_netns(&netns, move || {
+        let entered = std::time::Instant::now();
+        wiring::apply(&w2).map(|applied| (applied, entered.elapsed()))
+    })
+    .map_err(|e| netns_err("wiring the pod's network namespace failed", e))?;
+    timing::record("pod netlink and sysctls", inside);
+    timing::record("netns enter", called.elapsed().saturating_sub(inside));
     let undo_netns = || {
         let (w, applied) = (w.clone(), applied.clone());
         if let Err(e) = in_netns(&netns, move || wiring::undo(&w, &applied)) {
@@ -196,7 +209,9 @@ fn wire_slice_pod(
         undo_netns();
         return Err(not_a_veth(env));
     };
-    if let Err(e) = pod_state::save(&conf.state_dir, &env.container_id, &applied.saved_sysctls()) {
+    if let Err(e) = timing::phase("pod state", || {
+        pod_state::save(&conf.state_dir, &env.container_id, &applied.saved_sysctls())
+    }) {
         undo_netns();
         return Err(
             CniError::new(code::IO_FAILURE, "saving the pod's state failed")
@@ -210,7 +225,9 @@ fn wire_slice_pod(
         slice: Some(slice.clone()),
     };
     // The source filter is in place before the first port steers to the pod.
-    if let Err(e) = dp.attach_pod_with_sources(&attachment, allowed_sources) {
+    let attached = dp.attach_pod_with_sources(&attachment, allowed_sources);
+    record_datapath_steps(&dp);
+    if let Err(e) = attached {
         // attach_pod undoes its own partial work; ours is the netns.
         undo_netns();
         return Err(datapath_err(

@@ -9,17 +9,18 @@
 
 use std::path::PathBuf;
 
-use super::{datapath_err, lock_node, netns_err, open_datapath};
+use super::{datapath_err, lock_node, netns_err, open_datapath, record_datapath_steps};
 use crate::cni::config::{DEFAULT_STATE_DIR, Envelope};
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, code};
+use crate::cni::timing;
 use crate::node::{pod_state, reserved_ports};
 use portslice_netns::{NetnsError, NodeAddrs, thread::in_netns, wiring};
 use portslice_ports::RangeSet;
 
 pub fn del(env: &CniEnv, stdin: &str) -> Result<(), CniError> {
     // A config we cannot read still names no pin root or node address: fall back to defaults.
-    let envelope = Envelope::parse(stdin).ok();
+    let envelope = timing::phase("config", || Envelope::parse(stdin).ok());
     let pin_root = envelope
         .as_ref()
         .map_or_else(Envelope::default_pin_root, Envelope::pin_root);
@@ -38,7 +39,9 @@ pub fn del(env: &CniEnv, stdin: &str) -> Result<(), CniError> {
                 Err(e) => errors.push(e),
             }
             slice = dp.find_pod(&env.container_id).and_then(|p| p.slice);
-            if let Err(e) = dp.detach_pod(&env.container_id, None) {
+            let detached = dp.detach_pod(&env.container_id, None);
+            record_datapath_steps(&dp);
+            if let Err(e) = detached {
                 errors.push(datapath_err("removing the pod from the datapath failed", e));
             }
         }
@@ -50,7 +53,7 @@ pub fn del(env: &CniEnv, stdin: &str) -> Result<(), CniError> {
         Vec::new()
     });
     if let (false, Some(node)) = (env.netns.is_empty(), node)
-        && let Err(e) = teardown_netns(env, node, saved)
+        && let Err(e) = timing::phase("netns teardown", || teardown_netns(env, node, saved))
     {
         errors.push(e);
     }

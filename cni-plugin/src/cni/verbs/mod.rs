@@ -13,6 +13,7 @@ use std::time::Duration;
 use super::config::{Envelope, PluginConfig, peek_version};
 use super::env::{CniEnv, Command};
 use super::error::{CniError, code};
+use super::timing;
 use super::version::version_reply;
 use crate::node::lock::{LockError, NodeLock};
 use portslice_datapath::{DatapathError, PinnedDatapath};
@@ -35,7 +36,10 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
     // ADD and DEL take the raw configuration: whatever is wrong with it, a pod that is not in a
     // slice must come through them unharmed.
     match env.command {
-        Command::Add => return add::add(env, &Envelope::parse(stdin)?).map(Some),
+        Command::Add => {
+            let envelope = timing::phase("config", || Envelope::parse(stdin))?;
+            return add::add(env, &envelope).map(Some);
+        }
         Command::Del => return del::del(env, stdin).map(|()| None),
         _ => {}
     }
@@ -73,8 +77,15 @@ fn asks_for_slice(env: &CniEnv, envelope: &Envelope) -> bool {
 /// Opens the datapath the daemon pinned, the one way every verb does: `Ok(None)` when nothing is
 /// pinned, an error when what is pinned cannot be used.
 fn open_datapath(pin_root: &Path) -> Result<Option<PinnedDatapath>, CniError> {
-    PinnedDatapath::open_if_loaded(pin_root)
+    timing::phase("datapath open", || PinnedDatapath::open_if_loaded(pin_root))
         .map_err(|e| datapath_err("opening the PortSlice datapath failed", e))
+}
+
+/// The datapath's own steps of its last attach or detach, into the timings.
+fn record_datapath_steps(dp: &PinnedDatapath) {
+    for (step, elapsed) in dp.last_steps().iter() {
+        timing::record(step, elapsed);
+    }
 }
 
 fn datapath_err(msg: &str, e: DatapathError) -> CniError {
@@ -102,7 +113,7 @@ const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// The node's verb lock (see [`crate::node::lock`]), held until dropped.
 fn lock_node(pin_root: &Path) -> Result<NodeLock, CniError> {
-    NodeLock::acquire(pin_root, LOCK_WAIT).map_err(|e| {
+    timing::phase("node lock", || NodeLock::acquire(pin_root, LOCK_WAIT)).map_err(|e| {
         let code = match e {
             LockError::Busy { .. } => code::TRY_AGAIN_LATER,
             LockError::Open { .. } => code::DATAPATH,

@@ -1,8 +1,11 @@
-//! Finding the pod's slice for ADD and CHECK: the pure plan, then the API server when needed.
+//! Finding the pod's slice for ADD and CHECK: the pure plan, then the node daemon's cache, then
+//! the API server when needed.
 
 use crate::cni::config::PluginConfig;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, code};
+use crate::cni::timing;
+use crate::slice_source::node_cache::{self, Decision};
 use crate::slice_source::{FoundSlice, Lookup, PlanInput, PodIdentity, kube_lookup, plan};
 
 pub fn find_slice(env: &CniEnv, conf: &PluginConfig) -> Result<Option<FoundSlice>, CniError> {
@@ -21,6 +24,18 @@ pub fn find_slice(env: &CniEnv, conf: &PluginConfig) -> Result<Option<FoundSlice
         Lookup::NotASlicePod => Ok(None),
         Lookup::Known(s) => Ok(Some(FoundSlice::known(s))),
         needs_api => {
+            // The node daemon's cache first: no API round trip (nor client set-up) when it knows.
+            if let Some(request) = node_cache::request_for(&needs_api)
+                && let Some(answer) = timing::phase("node cache", || {
+                    node_cache::ask(&node_cache::socket_path(&conf.state_dir), &request)
+                })
+            {
+                match node_cache::decide(&needs_api, &input, &answer)? {
+                    Decision::Found(found) => return Ok(Some(*found)),
+                    Decision::NotASlicePod => return Ok(None),
+                    Decision::AskTheApiServer => {}
+                }
+            }
             // A runtime only for this call: the API client is async, the rest of the plugin is not.
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
