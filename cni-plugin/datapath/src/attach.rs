@@ -136,17 +136,24 @@ impl AttachMode {
     /// Detaches what [`AttachMode::attach`] attached. Nothing there is not an error.
     pub fn detach(self, ifname: &str, link_pin: &Path) -> Result<(), DatapathError> {
         match self {
-            // Removing the pin, the link's last reference, detaches it. Only the file goes: the
-            // kernel then releases the link from a work queue, where the release waits for an
-            // RCU grace period under RTNL (about 10 ms here). Opening the link and closing it
-            // would make this process wait instead; now the next netlink user on the node does
-            // (DEL's netns teardown, the benchmark shows), and nothing waits when none comes.
-            Self::Tcx => match std::fs::remove_file(link_pin) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DatapathError::Io {
-                    what: format!("removing {}", link_pin.display()),
+            // Removing the pin, the link's last reference, detaches it: we open the link and
+            // close it ourselves, so it is gone when DEL returns. A tcx release waits for an
+            // RCU grace period under RTNL (about 10 ms here), and only removing the file would
+            // leave that to a kernel work queue; but then a quick re-attach to the same veth (a
+            // retried ADD after a failed one undid itself) finds the program still attached
+            // and fails with EEXIST. The benchmark caught that.
+            Self::Tcx => match PinnedLink::from_pin(link_pin) {
+                Ok(link) => link.unpin().map(drop).map_err(|e| DatapathError::Io {
+                    what: format!("unpinning {}", link_pin.display()),
                     source: e,
                 }),
-                _ => Ok(()),
+                Err(_) => match std::fs::remove_file(link_pin) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DatapathError::Io {
+                        what: format!("removing {}", link_pin.display()),
+                        source: e,
+                    }),
+                    _ => Ok(()),
+                },
             },
             Self::Clsact => {
                 // Dropping a link handle for our fixed priority/handle removes the filter.

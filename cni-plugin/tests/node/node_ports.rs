@@ -324,3 +324,29 @@ fn the_port_table_is_written_and_freed_in_runs_key_for_key() {
         dp.check_pod(&a).expect("and written again");
     });
 }
+
+/// A pod detached and attached again at once (a retried ADD after one that undid itself, DEL
+/// then ADD of the same veth) attaches every time, and its ports steer to it: detaching leaves
+/// nothing of the old link that the next attach could trip over (with tcx, the release must be
+/// over when detach returns, or the kernel refuses the program as already attached).
+#[test]
+fn a_pod_detached_and_attached_again_at_once_attaches_every_time() {
+    if !require_root("node_ports_reattach") {
+        return;
+    }
+    let mut t = Topology::new();
+    t.add_pod(Some((41600, 41609)));
+    let att = t.attachment(0);
+    t.with_datapath(move |dp| {
+        for i in 0..30 {
+            dp.detach_pod(&att.container_id, Some(att.host_veth_ifindex))
+                .unwrap_or_else(|e| panic!("detach {i}: {e}"));
+            dp.attach_pod(&att)
+                .unwrap_or_else(|e| panic!("attach {i} right after detach: {e}"));
+        }
+    });
+    let _srv = tcp_server(&t.pods[0].ns, Ipv4Addr::UNSPECIFIED, 41605, "again");
+    let r = tcp_request(&t.remote, SocketAddrV4::new(NODE_IP, 41605), None)
+        .expect("remote -> the re-attached pod");
+    assert!(r.starts_with("again "), "{r}");
+}

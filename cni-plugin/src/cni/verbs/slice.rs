@@ -4,7 +4,6 @@
 use crate::cni::config::PluginConfig;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, code};
-use crate::cni::timing;
 use crate::slice_source::node_cache::{self, Decision};
 use crate::slice_source::{FoundSlice, Lookup, PlanInput, PodIdentity, kube_lookup, plan};
 
@@ -26,9 +25,8 @@ pub fn find_slice(env: &CniEnv, conf: &PluginConfig) -> Result<Option<FoundSlice
         needs_api => {
             // The node daemon's cache first: no API round trip (nor client set-up) when it knows.
             if let Some(request) = node_cache::request_for(&needs_api)
-                && let Some(answer) = timing::phase("node cache", || {
+                && let Some(answer) =
                     node_cache::ask(&node_cache::socket_path(&conf.state_dir), &request)
-                })
             {
                 match node_cache::decide(&needs_api, &input, &answer)? {
                     Decision::Found(found) => return Ok(Some(*found)),
