@@ -72,7 +72,7 @@ live_add() {
     rm -rf "$api"
     printf '%s\n' "$out" >&2
     [ "$status" -eq 0 ] || return "$status"
-    line=$(printf '%s\n' "$out" | grep -m1 "^CNI ADD with the pod's slice from the node's cache")
+    line=$(printf '%s\n' "$out" | grep -o -m1 "CNI ADD with the pod's slice from the node's cache.*")
     [ -n "$line" ] || die "the node test printed no latency line"
     python3 - "$REPO_ROOT/docs/BENCHMARKS.md" "$line" <<'PY'
 import sys
