@@ -73,13 +73,29 @@ impl AttachMode {
                         prog.attach_to_link(link)
                             .map_err(|e| err("replacing program", &e))?
                     }
-                    Err(_) => prog
-                        .attach_with_options(
-                            ifname,
-                            TcAttachType::Ingress,
-                            TcAttachOptions::TcxOrder(LinkOrder::default()),
-                        )
-                        .map_err(|e| err("tcx attach", &e))?,
+                    Err(_) => {
+                        // A link we just released may still be on its way out (its last
+                        // reference can be bpffs's, dropped after a grace period): the kernel
+                        // then refuses the program as attached (EEXIST). Wait for it, bounded.
+                        let mut tries = 0;
+                        loop {
+                            match prog.attach_with_options(
+                                ifname,
+                                TcAttachType::Ingress,
+                                TcAttachOptions::TcxOrder(LinkOrder::default()),
+                            ) {
+                                Ok(id) => break id,
+                                Err(e)
+                                    if tries < 50
+                                        && super::loader::chain(&e).contains("File exists") =>
+                                {
+                                    tries += 1;
+                                    std::thread::sleep(std::time::Duration::from_millis(5));
+                                }
+                                Err(e) => return Err(err("tcx attach", &e)),
+                            }
+                        }
+                    }
                 };
                 let link = prog.take_link(id).map_err(|e| err("taking link", &e))?;
                 let fd: FdLink = link.try_into().map_err(|e| err("tcx link", &e))?;
@@ -141,7 +157,8 @@ impl AttachMode {
             // RCU grace period under RTNL (about 10 ms here), and only removing the file would
             // leave that to a kernel work queue; but then a quick re-attach to the same veth (a
             // retried ADD after a failed one undid itself) finds the program still attached
-            // and fails with EEXIST. The benchmark caught that.
+            // and fails with EEXIST (the benchmark caught that). Even so the last reference can
+            // be bpffs's, dropped after a grace period: attach waits for that (bounded).
             Self::Tcx => match PinnedLink::from_pin(link_pin) {
                 Ok(link) => link.unpin().map(drop).map_err(|e| DatapathError::Io {
                     what: format!("unpinning {}", link_pin.display()),
