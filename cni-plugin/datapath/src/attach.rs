@@ -6,14 +6,22 @@
 //! filter by itself and we find it again by a fixed priority/handle.
 use std::{io, path::Path};
 
+use aya::programs::ProgramError;
 use aya::programs::{
     LinkOrder, SchedClassifier, TcAttachType,
     links::{FdLink, PinnedLink},
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
 };
+use aya::sys::SyscallError;
 use aya::util::KernelVersion;
 
 use super::DatapathError;
+
+/// The kernel refused a tcx attach because the program is still attached there (EEXIST).
+fn still_attached(e: &ProgramError) -> bool {
+    matches!(e, ProgramError::SyscallError(SyscallError { io_error, .. })
+        if io_error.raw_os_error() == Some(libc::EEXIST))
+}
 
 /// Priority and handle of our clsact filters: fixed so a later process can find and remove them.
 const CLSACT_PRIORITY: u16 = 0x5053; // "PS"
@@ -85,10 +93,7 @@ impl AttachMode {
                                 TcAttachOptions::TcxOrder(LinkOrder::default()),
                             ) {
                                 Ok(id) => break id,
-                                Err(e)
-                                    if tries < 50
-                                        && super::loader::chain(&e).contains("File exists") =>
-                                {
+                                Err(e) if tries < 50 && still_attached(&e) => {
                                     tries += 1;
                                     std::thread::sleep(std::time::Duration::from_millis(5));
                                 }

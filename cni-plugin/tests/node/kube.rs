@@ -955,8 +955,9 @@ fn the_daemon_detects_its_uplink_and_the_cluster_cidrs_and_follows_new_nodes() {
 
 /// ADD asks the node daemon's slice cache (it watches the Pods of its node and the PortSlices)
 /// before the API server: a pod the cache knows is wired with no API request at all, here with
-/// the plugin's kubeconfig pointing at a dead server. What the cache does not know (a pod not on
-/// its node, another pod of the same name) goes to the API server, which stays the authority.
+/// the plugin's kubeconfig pointing at a dead server. What the cache does not know (here a pod
+/// not on its node; another pod of the same name is `node_cache::decide`'s unit tests) goes to
+/// the API server, which stays the authority.
 #[test]
 fn add_finds_the_slice_in_the_nodes_cache_and_asks_the_api_server_for_the_rest() {
     use portslice_cni::slice_source::node_cache::{self, CacheRequest};
